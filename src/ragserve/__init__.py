@@ -1,0 +1,3 @@
+"""ragserve: self-hosted model serving for RAG stacks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""The engine interface: one class per model type; a new engine implements it in one file.
+
+Engines are synchronous and run inside a worker process. The worker owns HTTP, batching
+and the OpenAI response shapes; an engine only turns inputs into tokens, vectors or scores.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from ragserve.control.spec import ModelSpec, ModelType
+
+
+class EngineError(Exception):
+    """A load or inference failure with a message meant for the user (cause and fix)."""
+
+
+class EngineInputError(EngineError):
+    """The request cannot be served by this model as given (too long, unsupported option): a 400."""
+
+
+@dataclass
+class GenerationRequest:
+    """A chat (messages) or plain completion (prompt) request, already validated."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Passed to the chat template, e.g. {"enable_thinking": False} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationDelta:
+    """One piece of generated text. The last delta carries finish_reason and token counts."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass
+class RerankOutput:
+    scores: list[float]  # one per document, in input order
+    prompt_tokens: int
+
+
+class Engine(ABC):
+    """Common part: load from a spec, report facts, free memory on close."""
+
+    model_type: ModelType
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    def describe(self) -> dict[str, Any]:
+        """Facts shown by GET /v1/models/{uid} (context length, dimensions, rerank rule...)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release engine memory. The worker process exits afterwards anyway."""
+
+
+class LLMEngine(Engine):
+    model_type = ModelType.LLM
+    # How many requests the engine can run at once (llama.cpp slots, vLLM sequences).
+    max_concurrency: int = 1
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationDelta]:
+        """Yield text as it is produced; the final delta has finish_reason and usage."""
+
+
+class EmbeddingEngine(Engine):
+    model_type = ModelType.EMBEDDING
+
+    @property
+    @abstractmethod
+    def dimensions(self) -> int: ...
+
+    # True where the model was trained with Matryoshka losses and may be cut (`dimensions`).
+    supports_dimensions: bool = False
+    max_batch_size: int = 64
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str], *, is_query: bool = False,
+              instruction: str | None = None) -> EmbeddingOutput:
+        """Return one full-size vector per text, normalised where the model's recipe normalises.
+
+        The worker cuts vectors to a requested `dimensions` and renormalises them.
+        """
+
+
+class RerankEngine(Engine):
+    model_type = ModelType.RERANK
+    max_batch_size: int = 32
+
+    @abstractmethod
+    def rerank(self, query: str, documents: Sequence[str], *,
+               instruction: str | None = None) -> RerankOutput:
+        """Score each document against the query; higher is more relevant."""
