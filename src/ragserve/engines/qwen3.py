@@ -6,6 +6,10 @@ prompt text is written once.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 DEFAULT_EMBEDDING_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
@@ -28,3 +32,148 @@ def rerank_pair_text(query: str, document: str, instruction: str | None = None) 
 def rerank_prompt(query: str, document: str, instruction: str | None = None) -> str:
     """The full judging prompt; the score is P(yes) / (P(yes) + P(no)) at its last position."""
     return RERANK_PREFIX + rerank_pair_text(query, document, instruction) + RERANK_SUFFIX
+
+
+# --- Recognising Qwen3 models ---------------------------------------------------------------
+#
+# Launch must pick the right recipe without flags: a Qwen3 folder is a chat model unless its
+# name or files mark it as the embedding or reranker variant (all three share the
+# Qwen3ForCausalLM architecture, so config.json alone cannot tell them apart).
+
+QWEN3_MODEL_TYPES = {"qwen3", "qwen3_moe"}
+_HASH_NAME = re.compile(r"^[0-9a-f]{16,64}$")  # hub cache snapshot folders
+
+
+def _name_parts(folder: Path) -> list[str]:
+    """The folder name, plus the repo folder above a hub-cache snapshot (models--Org--Name/snapshots/<sha>)."""
+    parts = [folder.name]
+    if _HASH_NAME.match(folder.name) and folder.parent.name == "snapshots":
+        parts.append(folder.parent.parent.name)
+    return [p.lower() for p in parts]
+
+
+def detect_hf_folder(path: str | Path) -> dict:
+    """Tell family and model type of a Hugging Face folder from config.json, file markers and name.
+
+    Returns {"family": "qwen3" | None, "model_type": "LLM" | "embedding" | "rerank" | None,
+    "rule": "chat" | "last_token" | "yes_no" | None, "reason": str}. model_type is None when
+    the folder gives no evidence (a non-Qwen3 model the caller must type itself).
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    result = {"family": None, "model_type": None, "rule": None, "reason": ""}
+    if not config_file.is_file():
+        result["reason"] = f"no config.json in {folder}"
+        return result
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        result["reason"] = f"config.json in {folder} is not readable JSON: {exc}"
+        return result
+    model_type = str(config.get("model_type", "")).lower()
+    architectures = [str(a) for a in config.get("architectures") or []]
+    names = _name_parts(folder)
+    st_files = [f for f in ("modules.json", "config_sentence_transformers.json") if (folder / f).is_file()]
+
+    if model_type not in QWEN3_MODEL_TYPES:
+        result["reason"] = f"config.json model_type is {model_type or 'missing'!r}, not Qwen3"
+        if any(a.endswith("ForCausalLM") for a in architectures):
+            result.update(model_type="LLM", rule="chat",
+                          reason=f"{architectures[0]} is a causal LM; treated as a chat model")
+        return result
+
+    result["family"] = "qwen3"
+    if any("rerank" in n for n in names):
+        result.update(model_type="rerank", rule="yes_no", reason=f"Qwen3 folder named {folder.name!r}")
+    elif any(a.endswith("ForSequenceClassification") for a in architectures):
+        result.update(model_type="rerank", rule="classifier", reason=f"config.json architecture {architectures[0]}")
+    elif any("embed" in n for n in names):
+        result.update(model_type="embedding", rule="last_token", reason=f"Qwen3 folder named {folder.name!r}")
+    elif st_files or "Qwen3Model" in architectures:
+        marker = st_files[0] if st_files else "architecture Qwen3Model"
+        result.update(model_type="embedding", rule="last_token", reason=f"Qwen3 folder with {marker}")
+    else:
+        result.update(model_type="LLM", rule="chat", reason="Qwen3 causal LM without embedding or reranker markers")
+    return result
+
+
+def model_type_mismatch(path: str | Path, requested: str) -> str | None:
+    """A user-facing error when `requested` contradicts what a Qwen3 folder is; None when it fits.
+
+    Only Qwen3 folders are judged: for other families the folder gives no reliable answer.
+    """
+    detected = detect_hf_folder(path)
+    if detected["family"] != "qwen3" or detected["model_type"] is None:
+        return None
+    wanted = requested.strip().lower()
+    wanted = {"chat": "llm", "embed": "embedding", "embeddings": "embedding", "reranker": "rerank"}.get(wanted, wanted)
+    if wanted == detected["model_type"].lower():
+        return None
+    return (f"{path} is a Qwen3 {detected['model_type']} model ({detected['reason']}), but it was launched "
+            f"as model type {requested!r}: launch it with --model-type {detected['model_type']}, "
+            f"or leave --model-type out to use the detected type")
+
+
+# --- Qwen3 rerankers as GGUF -----------------------------------------------------------------
+#
+# Conversions come in two kinds: llama.cpp's converter (recent versions) writes a classifier
+# head `cls.output` holding the lm_head rows of "yes" and "no" and pooling_type RANK, so
+# llama.cpp's rank pooling returns softmax([yes, no]) directly; older or third-party
+# conversions are plain causal LMs, scored by reading the "yes"/"no" logits at the last
+# position of the judging prompt.
+
+GGUF_POOLING_RANK = 4  # llama_pooling_type: NONE 0, MEAN 1, CLS 2, LAST 3, RANK 4
+
+
+def _gguf_field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def gguf_info(path: str | Path) -> dict:
+    """Architecture, pooling type, classifier head and labels of a GGUF file (metadata only)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:  # pragma: no cover - the llama extra installs it
+        raise RuntimeError("reading GGUF metadata needs the gguf package: pip install 'ragserve[llama]'") from exc
+    reader = GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture") or ""
+    tensors = {t.name for t in reader.tensors}
+    return {
+        "architecture": arch,
+        "pooling_type": _gguf_field(reader, f"{arch}.pooling_type"),
+        "classifier_labels": _gguf_field(reader, f"{arch}.classifier.output_labels"),
+        "has_classifier_head": any(n.split(".")[0] == "cls" for n in tensors),
+        "name": _gguf_field(reader, "general.name"),
+    }
+
+
+def gguf_rerank_mode(path: str | Path) -> str:
+    """'rank' for a GGUF with a classifier head (or pooling_type RANK), 'yes_no' for a plain causal LM."""
+    info = gguf_info(path)
+    if info["has_classifier_head"] or info["pooling_type"] == GGUF_POOLING_RANK:
+        return "rank"
+    return "yes_no"
+
+
+def gguf_yes_no_token_ids(path: str | Path) -> tuple[int, int]:
+    """Ids of the single tokens "yes" and "no" in a GGUF vocabulary, for the yes/no rule."""
+    from gguf import GGUFReader
+
+    tokens = _gguf_field(GGUFReader(str(path)), "tokenizer.ggml.tokens") or []
+    ids = {}
+    for index, token in enumerate(tokens):
+        if token in ("yes", "no") and token not in ids:
+            ids[token] = index
+            if len(ids) == 2:
+                break
+    missing = [t for t in ("yes", "no") if t not in ids]
+    if missing:
+        raise ValueError(f"{path} has no single-token {' / '.join(repr(m) for m in missing)} in its vocabulary, "
+                         "so the Qwen3 yes/no rerank rule cannot score it")
+    return ids["yes"], ids["no"]
+
+
+def gguf_rerank_template(instruction: str | None = None) -> str:
+    """The named "rerank" chat template llama.cpp's converter stores ({query}/{document} placeholders)."""
+    return rerank_prompt("{query}", "{document}", instruction)

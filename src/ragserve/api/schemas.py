@@ -1,0 +1,223 @@
+"""Pydantic models of the HTTP protocol: OpenAI routes, /v1/rerank, and Xinference's launch shapes.
+
+Unknown fields are ignored (clients send many vendor extras); wrong types are 400s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Upper bounds checked before any engine work, so a huge request costs nothing.
+MAX_INPUT_ITEMS = 2048
+MAX_TEXT_CHARS = 200_000
+MAX_DOCUMENTS = 1000
+MAX_GENERATION_TOKENS = 32768
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+    reasoning_content: Optional[str] = None
+
+    def text(self) -> str:
+        """Content as plain text; OpenAI content parts of type text are joined."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported by these models")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    model: str = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_GENERATION_TOKENS)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_GENERATION_TOKENS)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: Optional[Union[str, list[str]]]) -> Optional[list[str]]:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    def token_limit(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    # Passed to the chat template; Qwen3 reads enable_thinking. vLLM and SGLang accept both forms.
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    enable_thinking: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _check_messages(self) -> "ChatCompletionRequest":
+        total = 0
+        for message in self.messages:
+            total += len(message.text())
+        if total > MAX_TEXT_CHARS:
+            raise ValueError(f"messages hold {total} characters; the limit is {MAX_TEXT_CHARS}")
+        return self
+
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.enable_thinking is not None:
+            kwargs.setdefault("enable_thinking", self.enable_thinking)
+        return kwargs
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Union[str, list[str]]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("send one prompt per request (a list of exactly one string)")
+            value = value[0]
+        if not value:
+            raise ValueError("prompt must not be empty")
+        if len(value) > MAX_TEXT_CHARS:
+            raise ValueError(f"prompt holds {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
+        return value
+
+
+EmbeddingInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+class EmbeddingRequest(_Request):
+    model: str = Field(min_length=1)
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(default=None, ge=1)
+    user: Optional[str] = None
+    # Query vs document: instruction-tuned embedders (Qwen3-Embedding) prefix queries only.
+    # `input_type` follows Cohere/Jina/NVIDIA naming; `is_query` is accepted as a boolean alias.
+    input_type: Optional[Literal["query", "document", "search_query", "search_document", "passage"]] = None
+    is_query: Optional[bool] = None
+    instruction: Optional[str] = None
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, value: EmbeddingInput) -> EmbeddingInput:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            items = [value]
+        if len(items) == 0:
+            raise ValueError("input must not be empty: send a string or a non-empty list of strings")
+        if len(items) > MAX_INPUT_ITEMS:
+            raise ValueError(f"input holds {len(items)} items; the limit is {MAX_INPUT_ITEMS} per request")
+        for item in items:
+            if isinstance(item, str):
+                if not item.strip():
+                    raise ValueError("input strings must not be empty")
+                if len(item) > MAX_TEXT_CHARS:
+                    raise ValueError(f"an input holds {len(item)} characters; the limit is {MAX_TEXT_CHARS}")
+            elif isinstance(item, list) and not item:
+                raise ValueError("token-id inputs must not be empty")
+        return value
+
+    def wants_query(self) -> bool:
+        if self.is_query is not None:
+            return self.is_query
+        return self.input_type in ("query", "search_query")
+
+
+class RerankRequest(_Request):
+    """Xinference / Jina / Cohere rerank request; `texts` is accepted for TEI-style clients."""
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    documents: list[Union[str, dict[str, Any]]] = Field(min_length=1, max_length=MAX_DOCUMENTS)
+    top_n: Optional[int] = Field(default=None, ge=1)
+    return_documents: Optional[bool] = None
+    return_len: Optional[bool] = None
+    max_chunks_per_doc: Optional[int] = None
+    instruction: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _texts_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "documents" not in data and "texts" in data:
+            data = {**data, "documents": data["texts"]}
+        return data
+
+    @field_validator("documents")
+    @classmethod
+    def _document_texts(cls, value: list[Union[str, dict[str, Any]]]) -> list[str]:
+        texts = []
+        for doc in value:
+            if isinstance(doc, dict):  # Cohere v1 / Jina accept {"text": ...}
+                doc = doc.get("text")
+                if not isinstance(doc, str):
+                    raise ValueError("document objects must have a string field 'text'")
+            if len(doc) > MAX_TEXT_CHARS:
+                raise ValueError(f"a document holds {len(doc)} characters; the limit is {MAX_TEXT_CHARS}")
+            texts.append(doc)
+        return texts
+
+
+class LaunchRequest(_Request):
+    """POST /v1/models in Xinference's shape (what `xinference launch` and its RESTfulClient send)."""
+
+    model_uid: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+    model_name: str = Field(min_length=1, max_length=128)
+    model_type: str = "LLM"
+    model_engine: Optional[str] = None
+    model_path: Optional[str] = None
+    model_format: Optional[str] = None
+    quantization: Optional[str] = None
+    model_size_in_billions: Optional[Union[float, str]] = None
+    size_in_billions: Optional[Union[float, str]] = None
+    n_ctx: Optional[int] = Field(default=None, ge=16)
+    n_parallel: Optional[int] = Field(default=None, ge=1, le=64)
+    source: Optional[str] = None
+    revision: Optional[str] = None
+    force: bool = False
+    wait_ready: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+    # Xinference passes engine kwargs flat at the top level (e.g. n_ctx, reasoning_content).
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    def size_b(self) -> Optional[float]:
+        raw = self.size_in_billions or self.model_size_in_billions
+        if raw in (None, ""):
+            return None
+        try:
+            return float(str(raw).replace("_", "."))
+        except ValueError as exc:
+            raise ValueError(f"size_in_billions must be a number, got {raw!r}") from exc

@@ -1,0 +1,311 @@
+"""GGUF models through llama.cpp (the prebuilt `xllamacpp` binding): chat, embedding, rerank.
+
+xllamacpp embeds llama.cpp's server core in-process: chat templates from the GGUF (jinja),
+parallel slots with continuous batching, embeddings with the GGUF's pooling, and rank
+pooling for classifier-head rerankers. Chosen over llama-cpp-python because it installs as
+a wheel in seconds (no compiler, no CPU-flag crash on VMs) and batches concurrent requests.
+
+Rerank has two rules, picked from the GGUF metadata (override: options.rerank_mode):
+  rank   - the GGUF has a classifier head; llama.cpp's rank pooling gives the score.
+  yes_no - a plain causal LM (Qwen3-Reranker conversions): the score is
+           P("yes") / (P("yes") + P("no")) at the last position of the judging prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Optional, Sequence
+
+from ragserve.control.spec import ModelSpec, ModelType
+from ragserve.engines import qwen3
+from ragserve.engines.base import (EmbeddingEngine, EmbeddingOutput, EngineError, EngineInputError,
+                                   GenerationDelta, GenerationRequest, LLMEngine, RerankEngine, RerankOutput)
+
+DEFAULT_CHAT_CTX = 4096
+DEFAULT_EMBED_CTX = 8192
+# Raising both candidate logits by the same constant leaves their softmax unchanged, and makes
+# them the only two tokens that survive top_k=2: their post-sampling probabilities are exactly
+# softmax(logit_yes, logit_no), whatever the rest of the vocabulary holds.
+_YES_NO_BIAS = 100.0
+
+
+def _read_gguf_metadata(path: str) -> dict[str, Any]:
+    """Architecture, pooling, classifier head and vocabulary facts from the GGUF header."""
+    from ragserve.engines.gguf_meta import read_gguf_header
+
+    fields, tensors = read_gguf_header(path, keep_arrays=("tokenizer.ggml.tokens",))
+    arch = fields.get("general.architecture") or ""
+    tokens = fields.get("tokenizer.ggml.tokens") or []
+    cls_shape = tensors.get("cls.output.weight")
+    return {
+        "architecture": arch,
+        "name": fields.get("general.name"),
+        "context_length": fields.get(f"{arch}.context_length"),
+        "embedding_length": fields.get(f"{arch}.embedding_length"),
+        "pooling_type": fields.get(f"{arch}.pooling_type"),
+        "has_classifier": any(name.startswith("cls.") for name in tensors),
+        "classifier_outputs": (cls_shape[1] if cls_shape and len(cls_shape) > 1 else 1) if cls_shape else None,
+        "has_chat_template": "tokenizer.chat_template" in fields,
+        "token_ids": {tok: i for i, tok in enumerate(tokens) if tok in ("yes", "no", "Ġyes", "Ġno")},
+    }
+
+
+def _threads(spec: ModelSpec) -> int:
+    return int(spec.options.get("n_threads") or os.environ.get("RAGSERVE_THREADS") or os.cpu_count() or 2)
+
+
+def _server(spec: ModelSpec, *, n_ctx: int, n_parallel: int, embedding: bool = False,
+            pooling: Optional[str] = None):
+    import xllamacpp as xlc
+
+    params = xlc.CommonParams()
+    params.model.path = spec.model_path
+    params.n_ctx = n_ctx
+    params.n_parallel = n_parallel
+    params.kv_unified = True  # slots share the whole context instead of n_ctx / n_parallel each
+    params.cpuparams.n_threads = _threads(spec)
+    params.cpuparams_batch.n_threads = _threads(spec)
+    params.n_gpu_layers = int(spec.options.get("n_gpu_layers", -1 if _gpu_build() else 0))
+    params.use_jinja = True
+    # Keep <think> in the text: the worker splits reasoning the same way for every engine.
+    params.reasoning_format = xlc.common_reasoning_format.COMMON_REASONING_FORMAT_NONE
+    params.verbosity = int(spec.options.get("llama_verbosity", -1))
+    params.warmup = False
+    if embedding:
+        params.embedding = True
+        params.n_batch = params.n_ubatch = n_ctx  # embeddings must fit one ubatch
+        if pooling:
+            params.pooling_type = getattr(xlc.llama_pooling_type, f"LLAMA_POOLING_TYPE_{pooling.upper()}")
+    try:
+        return xlc.Server(params)
+    except Exception as exc:
+        raise EngineError(f"llama.cpp could not load {spec.model_path}: {exc}. Check that the file is a complete "
+                          f"GGUF (re-run `ragserve pull` to resume a partial download)") from exc
+
+
+def _gpu_build() -> bool:
+    try:
+        import xllamacpp as xlc
+
+        return any("cuda" in str(d).lower() or "metal" in str(d).lower() for d in xlc.get_device_info())
+    except Exception:
+        return False
+
+
+def _raise_on_error(result: Any) -> dict[str, Any]:
+    if isinstance(result, dict) and "error" in result:
+        error = result["error"]
+        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        code = error.get("code", 500) if isinstance(error, dict) else 500
+        if code == 400 or "context" in message:
+            raise EngineInputError(f"{message} (the model's context is too small for this input: send less text "
+                                   f"or launch with a larger --n-ctx)")
+        raise EngineError(message)
+    return result
+
+
+class LlamaChatEngine(LLMEngine):
+    def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
+        super().__init__(spec)
+        self.metadata = metadata
+        self.max_concurrency = int(spec.n_parallel or spec.options.get("n_parallel") or 4)
+        trained = metadata.get("context_length") or DEFAULT_CHAT_CTX
+        self.n_ctx = int(spec.n_ctx or min(int(trained), DEFAULT_CHAT_CTX))
+        self.server = _server(spec, n_ctx=self.n_ctx, n_parallel=self.max_concurrency)
+
+    def describe(self) -> dict[str, Any]:
+        return {"context_length": self.n_ctx, "architecture": self.metadata.get("architecture"),
+                "parallel": self.max_concurrency, "chat_template": self.metadata.get("has_chat_template")}
+
+    def _payload(self, request: GenerationRequest) -> dict[str, Any]:
+        payload: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+        if request.messages is not None:
+            if not self.metadata.get("has_chat_template"):
+                raise EngineInputError(f"{os.path.basename(self.spec.model_path)} has no chat template: use "
+                                       f"/v1/completions with a prompt, or a chat/instruct model")
+            payload["messages"] = request.messages
+            if request.chat_template_kwargs:
+                payload["chat_template_kwargs"] = request.chat_template_kwargs
+        else:
+            payload["prompt"] = request.prompt
+        for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+            value = getattr(request, key)
+            if value is not None:
+                payload[key] = value
+        payload["n_predict"] = request.max_tokens if request.max_tokens is not None else -1
+        if request.stop:
+            payload["stop"] = request.stop
+        return payload
+
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationDelta]:
+        payload = self._payload(request)
+        handler = (self.server.handle_chat_completions if request.messages is not None
+                   else self.server.handle_completions)
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+
+        def run() -> None:
+            try:
+                result = handler(payload, pieces.put)
+                if isinstance(result, dict) and "error" in result:
+                    pieces.put(result)
+            except Exception as exc:  # surfaced in the consumer
+                pieces.put(exc)
+            finally:
+                pieces.put(done)
+
+        threading.Thread(target=run, daemon=True, name="llama-generate").start()
+        finish_reason = None
+        prompt_tokens = completion_tokens = None
+        while True:
+            item = pieces.get()
+            if item is done:
+                break
+            if isinstance(item, Exception):
+                raise EngineError(f"llama.cpp generation failed: {item}")
+            _raise_on_error(item)
+            if item.get("usage"):
+                prompt_tokens = item["usage"].get("prompt_tokens")
+                completion_tokens = item["usage"].get("completion_tokens")
+            for choice in item.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+                if text:
+                    yield GenerationDelta(text=text)
+        yield GenerationDelta(finish_reason=finish_reason or "stop", prompt_tokens=prompt_tokens,
+                              completion_tokens=completion_tokens)
+
+
+class LlamaEmbeddingEngine(EmbeddingEngine):
+    def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
+        super().__init__(spec)
+        self.metadata = metadata
+        self.family = qwen3.gguf_family(metadata) if hasattr(qwen3, "gguf_family") else _family(metadata)
+        self.supports_dimensions = self.family == "qwen3-embedding"
+        trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
+        self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))
+        pooling = spec.options.get("pooling") or ("last" if self.family == "qwen3-embedding" else None)
+        self.server = _server(spec, n_ctx=self.n_ctx, n_parallel=1, embedding=True, pooling=pooling)
+        self._dimensions = len(self._embed_raw(["dimension probe"])[0][0])
+
+    @property
+    def dimensions(self) -> int:
+        return self._dimensions
+
+    def describe(self) -> dict[str, Any]:
+        return {"dimensions": self._dimensions, "context_length": self.n_ctx, "family": self.family,
+                "architecture": self.metadata.get("architecture")}
+
+    def _embed_raw(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        result = _raise_on_error(self.server.handle_embeddings({"input": list(texts), "encoding_format": "float"}))
+        data = sorted(result["data"], key=lambda d: d["index"])
+        return [d["embedding"] for d in data], int(result.get("usage", {}).get("prompt_tokens", 0))
+
+    def embed(self, texts: Sequence[str], *, is_query: bool = False,
+              instruction: Optional[str] = None) -> EmbeddingOutput:
+        if self.family == "qwen3-embedding" and is_query:
+            task = instruction or self.spec.options.get("embedding_task")
+            texts = [qwen3.embedding_query_text(t, task) for t in texts]
+        vectors, tokens = self._embed_raw(texts)
+        return EmbeddingOutput(vectors=vectors, prompt_tokens=tokens)
+
+
+def _family(metadata: dict[str, Any]) -> Optional[str]:
+    name = str(metadata.get("name") or "").lower()
+    if str(metadata.get("architecture")).startswith("qwen3"):
+        if "embed" in name:
+            return "qwen3-embedding"
+        if "rerank" in name:
+            return "qwen3-reranker"
+    return None
+
+
+class LlamaRerankEngine(RerankEngine):
+    def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
+        super().__init__(spec)
+        self.metadata = metadata
+        self.mode = spec.options.get("rerank_mode") or self._detect_mode()
+        if self.mode not in ("rank", "yes_no"):
+            raise EngineError(f"rerank_mode {self.mode!r} is unknown: use 'rank' (classifier head) or 'yes_no' "
+                              f"(Qwen3-Reranker rule on a causal LM)")
+        self.n_parallel = int(spec.n_parallel or spec.options.get("n_parallel") or 4)
+        trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
+        self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))
+        if self.mode == "rank":
+            if not metadata.get("has_classifier"):
+                raise EngineError(f"{spec.model_path} has no classifier head, so rank pooling cannot score it: "
+                                  f"use rerank_mode yes_no (Qwen3-Reranker causal-LM rule)")
+            self.server = _server(spec, n_ctx=self.n_ctx, n_parallel=1, embedding=True, pooling="rank")
+        else:
+            ids = metadata.get("token_ids", {})
+            self.yes_id = ids.get("yes", ids.get("\u0120yes"))
+            self.no_id = ids.get("no", ids.get("\u0120no"))
+            if self.yes_id is None or self.no_id is None:
+                raise EngineError(f"{spec.model_path} has no 'yes'/'no' tokens, so the yes/no rerank rule cannot "
+                                  f"score it: use a reranker GGUF with a classifier head (rerank_mode rank)")
+            self.server = _server(spec, n_ctx=self.n_ctx * self.n_parallel, n_parallel=self.n_parallel)
+            self.pool = ThreadPoolExecutor(max_workers=self.n_parallel, thread_name_prefix="rerank")
+
+    def _detect_mode(self) -> str:
+        detect = getattr(qwen3, "gguf_rerank_mode", None)
+        if detect is not None:
+            return detect(self.spec.model_path)
+        return "rank" if self.metadata.get("has_classifier") else "yes_no"
+
+    def describe(self) -> dict[str, Any]:
+        return {"rerank_mode": self.mode, "context_length": self.n_ctx,
+                "architecture": self.metadata.get("architecture")}
+
+    def rerank(self, query: str, documents: Sequence[str], *,
+               instruction: Optional[str] = None) -> RerankOutput:
+        if self.mode == "rank":
+            return self._rank(query, documents)
+        instruction = instruction or self.spec.options.get("rerank_instruction")
+        results = list(self.pool.map(lambda doc: self._yes_no(query, doc, instruction), documents))
+        return RerankOutput(scores=[s for s, _ in results], prompt_tokens=sum(t for _, t in results))
+
+    def _rank(self, query: str, documents: Sequence[str]) -> RerankOutput:
+        result = _raise_on_error(self.server.handle_rerank(
+            {"query": query, "documents": list(documents), "top_n": len(documents), "return_text": False}))
+        scores = [0.0] * len(documents)
+        for item in result["results"]:
+            scores[item["index"]] = float(item["relevance_score"])
+        if (self.metadata.get("classifier_outputs") or 1) == 1:
+            # One logit per pair (cross-encoder heads): map to a probability as sentence-transformers does.
+            scores = [1.0 / (1.0 + math.exp(-s)) for s in scores]
+        tokens = int((result.get("usage") or {}).get("prompt_tokens", 0))
+        return RerankOutput(scores=scores, prompt_tokens=tokens)
+
+    def _yes_no(self, query: str, document: str, instruction: Optional[str]) -> tuple[float, int]:
+        payload = {
+            "prompt": qwen3.rerank_prompt(query, document, instruction),
+            "n_predict": 1, "n_probs": 2, "post_sampling_probs": True,
+            "temperature": 1.0, "top_k": 2, "samplers": ["top_k", "temperature"],
+            "logit_bias": [[self.yes_id, _YES_NO_BIAS], [self.no_id, _YES_NO_BIAS]],
+            "cache_prompt": True,  # the judging prefix and query are shared by every document
+        }
+        result = _raise_on_error(self.server.handle_completions(payload))
+        choice = result["choices"][0]
+        top = choice["logprobs"]["content"][0]["top_probs"]
+        probs = {t["id"]: float(t["prob"]) for t in top}
+        p_yes, p_no = probs.get(self.yes_id, 0.0), probs.get(self.no_id, 0.0)
+        tokens = int(result.get("usage", {}).get("prompt_tokens", 0))
+        return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.0, tokens
+
+
+def load(spec: ModelSpec):
+    try:
+        metadata = _read_gguf_metadata(spec.model_path)
+    except Exception as exc:
+        raise EngineError(f"{spec.model_path} is not a readable GGUF file ({exc}): check the path, or re-run "
+                          f"`ragserve pull` if the download was cut") from exc
+    if spec.model_type == ModelType.LLM:
+        return LlamaChatEngine(spec, metadata)
+    if spec.model_type == ModelType.EMBEDDING:
+        return LlamaEmbeddingEngine(spec, metadata)
+    return LlamaRerankEngine(spec, metadata)

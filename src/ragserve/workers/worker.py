@@ -1,0 +1,288 @@
+"""The process that hosts one model: loads the engine, serves it over loopback HTTP to the gateway.
+
+Started by the supervisor as `python -m ragserve.workers.worker --spec-file F --port P`.
+It answers /health at once (state loading), loads the engine in a thread, then serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ragserve.api.errors import APIError, install_error_handlers
+from ragserve.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest
+from ragserve.control.spec import ModelSpec, ModelState, ModelType
+from ragserve.engines import load_engine
+from ragserve.engines.base import (Engine, EngineError, EngineInputError, EmbeddingEngine, GenerationRequest,
+                                   LLMEngine, RerankEngine)
+from ragserve.workers import openai_format
+from ragserve.workers.streaming import iterate_in_thread
+
+log = logging.getLogger("ragserve.worker")
+
+
+class WorkerRuntime:
+    """The engine and its state; requests wait here until the engine is ready."""
+
+    def __init__(self, spec: ModelSpec, max_queue: int = 256):
+        self.spec = spec
+        self.engine: Optional[Engine] = None
+        self.state = ModelState.LOADING
+        self.error: Optional[str] = None
+        self.loaded_in_s: Optional[float] = None
+        self.max_queue = max_queue
+        self.waiting = 0
+        # Embedding and rerank engines are not thread-safe: one engine call at a time.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.llm_slots: Optional[asyncio.Semaphore] = None
+
+    def load(self) -> None:
+        started = time.monotonic()
+        try:
+            engine = load_engine(self.spec)
+            if engine.model_type != self.spec.model_type:
+                raise EngineError(f"engine loaded a {engine.model_type.value} model but {self.spec.model_type.value} "
+                                  f"was asked for")
+            self.engine = engine
+            self.loaded_in_s = round(time.monotonic() - started, 3)
+            self.state = ModelState.READY
+            log.info("model %s ready in %.2f s", self.spec.uid, self.loaded_in_s)
+        except EngineError as exc:
+            self.error = str(exc)
+            self.state = ModelState.FAILED
+            log.error("loading %s failed: %s", self.spec.uid, exc)
+        except Exception as exc:  # a library error: keep its text, it is what the user must see
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = ModelState.FAILED
+            log.error("loading %s failed:\n%s", self.spec.uid, traceback.format_exc())
+
+    def require(self, kind: type) -> Any:
+        if self.state != ModelState.READY or self.engine is None:
+            raise APIError(503, f"model {self.spec.uid} is {self.state.value}" +
+                           (f": {self.error}" if self.error else "; retry shortly"),
+                           code="model_not_ready", headers={"Retry-After": "1"})
+        if not isinstance(self.engine, kind):
+            raise APIError(400, f"model {self.spec.uid} is a {self.spec.model_type.value} model and cannot serve "
+                                f"this route", code="wrong_model_type", param="model")
+        return self.engine
+
+    def admit(self) -> None:
+        if self.waiting >= self.max_queue:
+            raise APIError(429, f"model {self.spec.uid} has {self.waiting} requests queued (limit {self.max_queue}): "
+                                "retry later or launch another replica", code="queue_full",
+                           headers={"Retry-After": "1"})
+
+
+def _engine_error(exc: EngineError) -> APIError:
+    if isinstance(exc, EngineInputError):
+        return APIError(400, str(exc), code="invalid_input")
+    return APIError(500, f"engine error: {exc}", code="engine_error")
+
+
+def _generation_request(body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    request = GenerationRequest(
+        max_tokens=body.token_limit(), temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        stop=list(body.stop or []), presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+    )
+    if isinstance(body, ChatCompletionRequest):
+        messages = []
+        for message in body.messages:
+            try:
+                text = message.text()
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from exc
+            messages.append({"role": message.role, "content": text})
+        request.messages = messages
+        request.chat_template_kwargs = body.template_kwargs()
+    else:
+        request.prompt = body.prompt
+    return request
+
+
+def _sse(chunks):
+    async def stream():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except EngineError as exc:
+            error = _engine_error(exc)
+            yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'code': error.code}})}\n\n"
+        except Exception as exc:  # the stream already started with 200: report in-band
+            log.exception("stream failed")
+            yield f"data: {json.dumps({'error': {'message': f'{type(exc).__name__}: {exc}', 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
+    app = FastAPI(title=f"ragserve worker {runtime.spec.uid}", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    split_reasoning = True  # only acts when the model writes <think> tags
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        info = runtime.engine.describe() if runtime.engine else {}
+        return {"state": runtime.state.value, "error": runtime.error, "pid": os.getpid(),
+                "loaded_in_s": runtime.loaded_in_s, "waiting": runtime.waiting, "info": info}
+
+    async def run_generation(body, chat: bool):
+        engine: LLMEngine = runtime.require(LLMEngine)
+        runtime.admit()
+        request = _generation_request(body)
+        if runtime.llm_slots is None:
+            runtime.llm_slots = asyncio.Semaphore(max(1, engine.max_concurrency))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        runtime.waiting += 1
+        try:
+            await runtime.llm_slots.acquire()
+        finally:
+            runtime.waiting -= 1
+        if body.stream:
+            async def chunks():
+                try:
+                    if chat:
+                        make = lambda: openai_format.chat_completion_chunks(  # noqa: E731
+                            body.model, engine.generate(request), split_reasoning, include_usage)
+                    else:
+                        make = lambda: openai_format.text_completion_chunks(  # noqa: E731
+                            body.model, engine.generate(request), include_usage)
+                    async for chunk in iterate_in_thread(make):
+                        yield chunk
+                finally:
+                    runtime.llm_slots.release()
+            return _sse(chunks())
+        try:
+            loop = asyncio.get_running_loop()
+            if chat:
+                work = lambda: openai_format.chat_completion(body.model, engine.generate(request), split_reasoning)  # noqa: E731
+            else:
+                work = lambda: openai_format.text_completion(body.model, engine.generate(request))  # noqa: E731
+            return await loop.run_in_executor(None, work)
+        except EngineError as exc:
+            raise _engine_error(exc) from exc
+        finally:
+            runtime.llm_slots.release()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        return await run_generation(body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await run_generation(body, chat=False)
+
+    async def in_engine_thread(fn):
+        runtime.admit()
+        runtime.waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(runtime.executor, fn)
+        except EngineError as exc:
+            raise _engine_error(exc) from exc
+        finally:
+            runtime.waiting -= 1
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        engine: EmbeddingEngine = runtime.require(EmbeddingEngine)
+        texts = _embedding_texts(body, engine)
+        if body.dimensions is not None:
+            if not engine.supports_dimensions and body.dimensions != engine.dimensions:
+                raise APIError(400, f"model {body.model} does not support `dimensions` (it is not a Matryoshka "
+                                    f"model); leave it out to get all {engine.dimensions} dimensions",
+                               param="dimensions")
+            if body.dimensions > engine.dimensions:
+                raise APIError(400, f"dimensions={body.dimensions} exceeds the model's {engine.dimensions}",
+                               param="dimensions")
+        output = await in_engine_thread(
+            lambda: engine.embed(texts, is_query=body.wants_query(), instruction=body.instruction))
+        vectors = openai_format.cut_dimensions(np.asarray(output.vectors, dtype=np.float32), body.dimensions)
+        return JSONResponse(openai_format.embedding_list(body.model, vectors, output.prompt_tokens,
+                                                         body.encoding_format))
+
+    @app.post("/v1/rerank")
+    async def rerank(body: RerankRequest):
+        engine: RerankEngine = runtime.require(RerankEngine)
+        documents: list[str] = body.documents  # type: ignore[assignment]  # validated to text
+        output = await in_engine_thread(
+            lambda: engine.rerank(body.query, documents, instruction=body.instruction))
+        return openai_format.rerank_result(body.model, documents, output.scores, output.prompt_tokens,
+                                           body.top_n, body.return_documents, body.return_len)
+
+    return app
+
+
+def _embedding_texts(body: EmbeddingRequest, engine: EmbeddingEngine) -> list[str]:
+    raw = body.input
+    if isinstance(raw, str):
+        return [raw]
+    if raw and isinstance(raw[0], int):
+        raw = [raw]  # one token-id list
+    texts = []
+    for item in raw:
+        if isinstance(item, str):
+            texts.append(item)
+        else:
+            texts.append(_decode_token_ids(item))
+    return texts
+
+
+def _decode_token_ids(ids: list[int]) -> str:
+    """Token-id input, as LangChain's OpenAIEmbeddings sends by default (tiktoken cl100k ids)."""
+    try:
+        import tiktoken
+    except ImportError as exc:
+        raise APIError(400, "this server got token ids as embedding input but cannot decode them (tiktoken is not "
+                            "installed): send strings, e.g. LangChain OpenAIEmbeddings(check_embedding_ctx_length="
+                            "False), or pip install tiktoken", param="input") from exc
+    try:
+        return tiktoken.get_encoding("cl100k_base").decode(ids)
+    except Exception as exc:
+        raise APIError(400, f"token ids could not be decoded as cl100k_base tokens ({exc}); send strings",
+                       param="input") from exc
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the gateway that started us is gone, so no orphan holds model memory."""
+    while True:
+        if os.getppid() != parent_pid:
+            log.warning("gateway process %s is gone; worker exits", parent_pid)
+            os._exit(0)
+        time.sleep(1.0)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="ragserve model worker (started by the gateway)")
+    parser.add_argument("--spec-file", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s worker %(message)s")
+    spec = ModelSpec.from_dict(json.loads(Path(args.spec_file).read_text()))
+    runtime = WorkerRuntime(spec)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=runtime.load, daemon=True, name="load").start()
+    config = uvicorn.Config(create_worker_app(runtime), host="127.0.0.1", port=args.port,
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()
