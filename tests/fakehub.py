@@ -136,6 +136,7 @@ class FakeHub:
         self.requests: list[Recorded] = []
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.cdn_url = f"http://localhost:{self.port}"
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.app = self._build_app()
@@ -267,7 +268,8 @@ class FakeHub:
             headers = {"X-Repo-Commit": repo.commit, "Accept-Ranges": "bytes"}
             if f.lfs:
                 # Like the real hub: LFS content lives on a CDN; the redirect carries its sha256 and size.
-                location = f"{hub.url}/cdn/{repo.repo_id}/{f.sha256}?filename={quote(path)}"
+                # Another origin (localhost vs 127.0.0.1), as a CDN is: the library must not follow it on HEAD.
+                location = f"{hub.cdn_url}/cdn/{repo.repo_id}/{f.sha256}?filename={quote(path)}"
                 headers.update({"Location": location, "ETag": f'"{f.git_oid}"',
                                 "X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
                 return Response(status_code=302, headers=headers)

@@ -6,17 +6,23 @@ It never runs a model itself, so it starts in well under a second and stays smal
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ragserve import __version__
-from ragserve.api.errors import APIError, install_error_handlers, model_not_found
+from ragserve.api.auth import WORKER_TOKEN_HEADER, APIKeyMiddleware, KeyChecker, keys_from_env
+from ragserve.api.errors import APIError, error_response, install_error_handlers, model_not_found
+from ragserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ragserve.api.metrics import GatewayMetrics, ObserveMiddleware, usage_from_json
+from ragserve.api.xinference_routes import install_xinference_routes, launch_options
 from ragserve.api.schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, LaunchRequest,
                                   RerankRequest)
 from ragserve.control.resolve import LaunchError, build_spec
@@ -34,6 +40,78 @@ _ROUTE_TYPES = {
 }
 _ROUTE_HINT = {ModelType.LLM: "/v1/chat/completions", ModelType.EMBEDDING: "/v1/embeddings",
                ModelType.RERANK: "/v1/rerank"}
+
+# Bounds that hold before any model work, so overload costs memory in proportion to these and no more.
+MAX_BODY_BYTES = int(float(os.environ.get("RAGSERVE_MAX_BODY_MB", "32")) * 1024 * 1024)
+MAX_IN_FLIGHT = int(os.environ.get("RAGSERVE_MAX_IN_FLIGHT", "1024"))
+_UNLIMITED_PATHS = frozenset({"/health", "/metrics", "/v1/cluster/auth"})
+
+
+class RequestLimitMiddleware:
+    """Refuses a body over MAX_BODY_BYTES (413) before reading it, and requests beyond MAX_IN_FLIGHT (503
+    with Retry-After) before they queue anywhere. Pure ASGI: streamed responses pass through unbuffered."""
+
+    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, max_in_flight: int = MAX_IN_FLIGHT):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in _UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        if self.in_flight >= self.max_in_flight:
+            state["rejected"] = "overloaded"
+            response = error_response(503, f"the server is answering {self.in_flight} requests, its limit "
+                                           f"(RAGSERVE_MAX_IN_FLIGHT={self.max_in_flight}); retry after a second",
+                                      code="server_overloaded", headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            state["rejected"] = "too_large"
+            await self._too_large(int(declared), scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                # A chunked body has no declared size: read it here, stopping at the limit.
+                chunks, size, more = [], 0, True
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    more = message.get("more_body", False)
+                    if size > self.max_body_bytes:
+                        state["rejected"] = "too_large"
+                        await self._too_large(size, scope, receive, send)
+                        return
+                body = b"".join(chunks)
+                delivered = False
+
+                async def replay():
+                    nonlocal delivered
+                    if not delivered:
+                        delivered = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                await self.app(scope, replay, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _too_large(self, size: int, scope, receive, send) -> None:
+        limit_mb = self.max_body_bytes / (1024 * 1024)
+        response = error_response(413, f"the request body is {size} bytes; this server accepts at most "
+                                       f"{self.max_body_bytes} ({limit_mb:g} MiB, RAGSERVE_MAX_BODY_MB): split the "
+                                       f"input into several requests", code="request_too_large")
+        await response(scope, receive, send)
 
 
 def model_description(record: ModelRecord) -> dict[str, Any]:
@@ -65,8 +143,13 @@ def model_description(record: ModelRecord) -> dict[str, Any]:
     }
 
 
-def create_app(home: Home, *, relaunch_saved: bool = True) -> FastAPI:
+def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[list[str]] = None) -> FastAPI:
     supervisor = Supervisor(home)
+    checker = KeyChecker(keys_from_env() if api_keys is None else api_keys)
+    metrics = GatewayMetrics(lambda: [{"uid": uid, "state": r.state.value, "restarts": r.restarts,
+                                       "queue_depth": queue_depths.get(uid)}
+                                      for uid, r in supervisor.records.items()])
+    queue_depths: dict[str, Optional[int]] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -94,7 +177,12 @@ def create_app(home: Home, *, relaunch_saved: bool = True) -> FastAPI:
                   description="OpenAI- and Xinference-compatible serving of chat, embedding and rerank models.")
     app.state.supervisor = supervisor
     app.state.home = home
+    app.state.metrics = metrics
     install_error_handlers(app)
+    # Last added runs first: observe everything (401s and 413s too), check the key before reading a body.
+    app.add_middleware(RequestLimitMiddleware)
+    app.add_middleware(APIKeyMiddleware, checker=checker)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)
 
     # ---- model lookup -----------------------------------------------------------------------
 
@@ -126,32 +214,50 @@ def create_app(home: Home, *, relaunch_saved: bool = True) -> FastAPI:
 
     # ---- forwarding --------------------------------------------------------------------------
 
-    async def forward(record: ModelRecord, route: str, raw_body: bytes, stream: bool) -> Response:
+    async def forward(record: ModelRecord, route: str, raw_body: bytes, stream: bool, state: dict[str, Any],
+                      strip_usage: bool = False) -> Response:
+        """Send the request to the model's worker and relay the answer, noting token usage in `state`.
+
+        `strip_usage`: the gateway asked the worker for stream usage the client did not ask for (to count
+        tokens); those parts are removed again so the client gets the stream it asked for.
+        """
         url = f"{record.base_url}{route}"
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", WORKER_TOKEN_HEADER: supervisor.worker_token}
         proxy: httpx.AsyncClient = app.state.proxy
         try:
             if not stream:
                 upstream = await proxy.post(url, content=raw_body, headers=headers)
+                if upstream.status_code == 200:
+                    state["usage"] = usage_from_json(upstream.content)
                 return Response(upstream.content, status_code=upstream.status_code,
                                 media_type=upstream.headers.get("content-type", "application/json"),
                                 headers={k: v for k, v in upstream.headers.items() if k.lower() == "retry-after"})
             request = proxy.build_request("POST", url, content=raw_body, headers=headers)
             upstream = await proxy.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise _worker_lost(record, exc) from exc
+            raise await _worker_lost(record, exc) from exc
         if upstream.status_code != 200:
             body = await upstream.aread()
             await upstream.aclose()
-            return Response(body, status_code=upstream.status_code, media_type="application/json")
+            return Response(body, status_code=upstream.status_code, media_type="application/json",
+                            headers={k: v for k, v in upstream.headers.items() if k.lower() == "retry-after"})
 
         async def relay():
+            pending = b""
             try:
                 async for piece in upstream.aiter_raw():
-                    yield piece
+                    pending += piece
+                    while (cut := pending.find(b"\n\n")) >= 0:
+                        event, pending = pending[:cut + 2], pending[cut + 2:]
+                        event = _note_stream_usage(event, state, strip_usage)
+                        if event:
+                            yield event
+                if pending:
+                    yield pending
             except httpx.HTTPError as exc:
-                message = _worker_lost(record, exc).message.replace('"', "'")
-                yield f'data: {{"error": {{"message": "{message}", "type": "service_unavailable"}}}}\n\n'.encode()
+                lost = await _worker_lost(record, exc)
+                error = {"error": {"message": lost.message, "type": "service_unavailable", "code": lost.code}}
+                yield f"data: {json.dumps(error)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
             finally:
                 await upstream.aclose()
@@ -159,14 +265,28 @@ def create_app(home: Home, *, relaunch_saved: bool = True) -> FastAPI:
         return StreamingResponse(relay(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def _worker_lost(record: ModelRecord, exc: Exception) -> APIError:
-        return APIError(503, f"the worker of model {record.spec.uid!r} stopped answering ({type(exc).__name__}); "
-                             f"it is restarted automatically, retry in a few seconds",
+    async def _worker_lost(record: ModelRecord, exc: Exception) -> APIError:
+        cause = await supervisor.exit_cause(record)
+        what = f"its worker {cause}" if cause else f"its worker stopped answering ({type(exc).__name__}: {exc})"
+        return APIError(503, f"model {record.spec.uid!r} could not answer: {what}. The worker is restarted "
+                             f"automatically; retry in a few seconds. If this repeats, see "
+                             f"{supervisor.home.worker_log(record.spec.uid)}",
                         code="worker_unavailable", headers={"Retry-After": "2"})
 
     async def serve_route(route: str, request: Request, body: Any) -> Response:
         record = routable(body.model, route)
-        return await forward(record, route, await request.body(), bool(getattr(body, "stream", False)))
+        state = request.scope.setdefault("state", {})
+        state["model"] = record.spec.uid
+        stream = bool(getattr(body, "stream", False))
+        raw_body = await request.body()
+        strip_usage = False
+        if stream:
+            state["stream"] = True
+            if not (body.stream_options and body.stream_options.include_usage):
+                data = json.loads(raw_body)
+                data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+                raw_body, strip_usage = json.dumps(data).encode(), True
+        return await forward(record, route, raw_body, stream, state, strip_usage)
 
     # ---- OpenAI routes -----------------------------------------------------------------------
 
@@ -187,9 +307,11 @@ def create_app(home: Home, *, relaunch_saved: bool = True) -> FastAPI:
     @app.post("/v2/rerank", tags=["rerank"], include_in_schema=False)
     async def rerank(body: RerankRequest, request: Request) -> Response:
         record = routable(body.model, "/v1/rerank")
+        state = request.scope.setdefault("state", {})
+        state["model"] = record.spec.uid
         # Forward the validated body: Cohere/Jina/TEI shapes are normalised here.
         payload = body.model_dump_json(exclude_none=True).encode()
-        return await forward(record, "/v1/rerank", payload, stream=False)
+        return await forward(record, "/v1/rerank", payload, False, state)
 
     # ---- model management (OpenAI list + Xinference launch/describe/terminate) ---------------
 
@@ -202,14 +324,17 @@ def create_app(home: Home, *, relaunch_saved: bool = True) -> FastAPI:
         return model_description(find_record(model_uid))
 
     @app.post("/v1/models", tags=["models"])
-    async def launch_model(body: LaunchRequest) -> JSONResponse:
+    async def launch_model(body: LaunchRequest,
+                           wait_ready: Optional[bool] = Query(None, description="Xinference's client sends "
+                                                                                "it as a query parameter")
+                           ) -> JSONResponse:
+        if wait_ready is not None:
+            body.wait_ready = wait_ready
         try:
             size = body.size_b()
         except ValueError as exc:
             raise APIError(400, str(exc), param="size_in_billions") from exc
-        options = dict(body.options)
-        for key, value in (body.model_extra or {}).items():
-            options.setdefault(key, value)  # Xinference sends engine kwargs flat
+        options = launch_options(body.options, body.model_extra or {})
         model_path = body.model_path
         if model_path and _is_hub_id(model_path):
             model_path = await _pull(model_path, body)
@@ -238,11 +363,41 @@ def create_app(home: Home, *, relaunch_saved: bool = True) -> FastAPI:
         return {"model_uid": record.spec.uid, "terminated": True}
 
     @app.get("/health", tags=["server"])
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        # Open to probes without a key (see api/auth.py); which models run is told only with a key.
+        if checker.enabled and not request.scope.get("state", {}).get("authenticated"):
+            return {"status": "ok", "version": __version__}
         states = {uid: r.state.value for uid, r in supervisor.records.items()}
         return {"status": "ok", "version": __version__, "models": states}
 
+    @app.get("/metrics", tags=["server"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: requests, latency, tokens, queue depth per model, worker restarts."""
+        queue_depths.clear()
+        queue_depths.update(await supervisor.queue_depths())
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    install_xinference_routes(app, supervisor, checker, find_record)
     return app
+
+
+def _note_stream_usage(event: bytes, state: dict[str, Any], strip_usage: bool) -> bytes:
+    """Read token usage from one SSE event; drop or clean it when the client did not ask for usage."""
+    if b'"usage"' not in event or not event.startswith(b"data: {"):
+        return event
+    try:
+        chunk = json.loads(event[6:])
+    except ValueError:
+        return event
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        state["usage"] = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    if not strip_usage:
+        return event
+    if isinstance(usage, dict) and not chunk.get("choices"):
+        return b""
+    chunk.pop("usage", None)
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
 
 
 def _is_hub_id(text: str) -> bool:

@@ -1,4 +1,8 @@
-"""Every error leaves the server as an OpenAI error object, with a status code that fits."""
+"""Every error leaves the server as an OpenAI error object, with a status code that fits.
+
+The body also carries the message as a top-level `detail`: Xinference's own client (and FastAPI-style
+clients) read `detail`, OpenAI's SDK reads `error`; both then show the real cause.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -39,8 +45,10 @@ class APIError(Exception):
 
 def error_body(status_code: int, message: str, code: Optional[str] = None,
                param: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status_code, "server_error"),
-                      "param": param, "code": code}}
+    default_type = "invalid_request_error" if status_code < 500 else "server_error"
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status_code, default_type),
+                      "param": param, "code": code},
+            "detail": message}
 
 
 def error_response(status_code: int, message: str, code: Optional[str] = None,

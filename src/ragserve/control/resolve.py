@@ -94,10 +94,10 @@ def folder_kind(path: Path) -> dict[str, Any]:
     except ImportError:
         pass
     if kind["suggested_type"] is None:
-        if kind["sentence_transformers"]:
-            kind["suggested_type"] = ModelType.EMBEDDING
-        elif kind["sequence_classification"]:
+        if kind["sequence_classification"]:  # cross-encoders may also carry modules.json
             kind["suggested_type"] = ModelType.RERANK
+        elif kind["sentence_transformers"]:
+            kind["suggested_type"] = ModelType.EMBEDDING
         elif kind["causal_lm"]:
             kind["suggested_type"] = ModelType.LLM
     elif isinstance(kind["suggested_type"], str):

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,7 +28,25 @@ from ragserve.settings import Home
 log = logging.getLogger("ragserve.supervisor")
 
 LOAD_TIMEOUT_S = float(os.environ.get("RAGSERVE_LOAD_TIMEOUT", "1800"))
+# Restarts in a row (each after a doubling wait, 0.5 s up to 30 s) before a model is marked failed.
 MAX_RESTARTS = 5
+# A worker that served this long before dying starts a fresh streak: a crash a week is not a crash loop.
+STABLE_AFTER_S = 60.0
+WORKER_TOKEN_ENV = "RAGSERVE_WORKER_TOKEN"
+
+
+def describe_exit(code: int) -> str:
+    """A worker's exit status in words, with the usual cause of a SIGKILL."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        text = f"was killed by {name}"
+        if -code == signal.SIGKILL:
+            text += " (sent by `kill -9` or by the kernel's out-of-memory killer: see `dmesg`)"
+        return text
+    return f"exited with code {code}"
 
 
 def free_port() -> int:
@@ -45,6 +64,9 @@ class ModelRecord:
     process: Optional[subprocess.Popen] = None
     launched_at: float = field(default_factory=time.time)
     restarts: int = 0
+    crash_streak: int = 0
+    last_exit: Optional[int] = None
+    ready_since: Optional[float] = None
     info: dict[str, Any] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -66,6 +88,8 @@ class Supervisor:
         self._watch_task: Optional[asyncio.Task] = None
         self._closing = False
         self.restart_count = 0
+        # Shared with the workers through their environment; the gateway sends it on every forwarded call.
+        self.worker_token = secrets.token_urlsafe(32)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -132,7 +156,8 @@ class Supervisor:
         record.state = ModelState.LOADING
         record.ready.clear()
         log_file = open(self.home.worker_log(spec.uid), "ab")
-        env = {**os.environ, **self.home.library_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.home.library_env(), "PYTHONUNBUFFERED": "1",
+               WORKER_TOKEN_ENV: self.worker_token}
         record.process = subprocess.Popen(
             [sys.executable, "-m", "ragserve.workers.worker", "--spec-file", str(spec_file), "--port",
              str(record.port)],
@@ -187,6 +212,7 @@ class Supervisor:
                 return  # still starting
             if health["state"] == ModelState.READY.value:
                 record.state = ModelState.READY
+                record.ready_since = time.monotonic()
                 record.info = health.get("info") or {}
                 record.error = None
                 record.ready.set()
@@ -199,29 +225,65 @@ class Supervisor:
 
     async def _on_exit(self, record: ModelRecord, exit_code: int) -> None:
         uid = record.spec.uid
+        record.last_exit = exit_code
+        how = describe_exit(exit_code)
         if record.state == ModelState.LOADING and record.restarts == 0:
             record.state = ModelState.FAILED
-            record.error = (f"the worker exited with code {exit_code} while loading. Last log lines:\n"
+            record.error = (f"the worker {how} while loading. Last log lines:\n"
                             f"{self._log_tail(uid)}")
             record.ready.set()
             self._save()
             return
-        if record.restarts >= MAX_RESTARTS:
+        if record.ready_since is not None and time.monotonic() - record.ready_since >= STABLE_AFTER_S:
+            record.crash_streak = 0
+        record.ready_since = None
+        if record.crash_streak >= MAX_RESTARTS:
             record.state = ModelState.FAILED
-            record.error = f"the worker died {record.restarts + 1} times (last exit code {exit_code}); gave up"
+            record.error = (f"the worker died {record.crash_streak + 1} times in a row (last: it {how}); gave up. "
+                            f"See {self.home.worker_log(uid)}, then terminate and launch the model again")
             record.ready.set()
             self._save()
             return
-        backoff = min(30.0, 0.5 * 2 ** record.restarts)
+        backoff = min(30.0, 0.5 * 2 ** record.crash_streak)
+        record.crash_streak += 1
         record.restarts += 1
         self.restart_count += 1
         record.state = ModelState.RESTARTING
         record.ready.clear()
-        record.error = f"worker exited with code {exit_code}; restarting in {backoff:.1f} s"
-        log.warning("worker for %s exited with code %s; restart %d in %.1f s", uid, exit_code, record.restarts,
-                    backoff)
+        record.error = f"the worker {how}; restarting in {backoff:.1f} s"
+        log.warning("worker for %s %s; restart %d in %.1f s", uid, how, record.restarts, backoff)
         record.process = None
         asyncio.create_task(self._respawn_later(record, backoff), name=f"respawn-{uid}")
+
+    async def exit_cause(self, record: ModelRecord, wait_s: float = 0.5) -> Optional[str]:
+        """Why a worker stopped answering, if it died: a dropped connection is seen a moment before the
+        process is reaped, so wait briefly for its exit status."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            process = record.process
+            if process is None:  # the watcher already saw the exit and schedules a restart
+                return describe_exit(record.last_exit) if record.last_exit is not None else None
+            code = process.poll()
+            if code is not None:
+                return describe_exit(code)
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
+
+    async def queue_depths(self) -> dict[str, Optional[int]]:
+        """Requests waiting in each ready worker, from its /health; None where a worker does not answer."""
+        async def depth(record: ModelRecord) -> Optional[int]:
+            if record.state != ModelState.READY or not record.port:
+                return None
+            try:
+                response = await self.http.get(f"{record.base_url}/health", timeout=1.0)
+                return int(response.json().get("waiting", 0))
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+                return None
+
+        records = list(self.records.values())
+        depths = await asyncio.gather(*(depth(r) for r in records))
+        return {r.spec.uid: d for r, d in zip(records, depths)}
 
     async def _respawn_later(self, record: ModelRecord, delay: float) -> None:
         await asyncio.sleep(delay)

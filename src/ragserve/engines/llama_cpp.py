@@ -233,7 +233,11 @@ class LlamaRerankEngine(RerankEngine):
         if self.mode not in ("rank", "yes_no"):
             raise EngineError(f"rerank_mode {self.mode!r} is unknown: use 'rank' (classifier head) or 'yes_no' "
                               f"(Qwen3-Reranker rule on a causal LM)")
-        self.n_parallel = int(spec.n_parallel or spec.options.get("n_parallel") or 4)
+        # One sequence at a time and no prompt cache by default: with quantized weights, co-batching
+        # or reusing a cached prefix shifts scores by up to 1e-2, so a document's score would depend
+        # on its neighbours. n_parallel / cache_prompt options trade that for speed.
+        self.n_parallel = int(spec.n_parallel or spec.options.get("n_parallel") or 1)
+        self.cache_prompt = bool(spec.options.get("cache_prompt", False))
         trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
         self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))
         if self.mode == "rank":
@@ -287,7 +291,7 @@ class LlamaRerankEngine(RerankEngine):
             "n_predict": 1, "n_probs": 2, "post_sampling_probs": True,
             "temperature": 1.0, "top_k": 2, "samplers": ["top_k", "temperature"],
             "logit_bias": [[self.yes_id, _YES_NO_BIAS], [self.no_id, _YES_NO_BIAS]],
-            "cache_prompt": True,  # the judging prefix and query are shared by every document
+            "cache_prompt": self.cache_prompt,
         }
         result = _raise_on_error(self.server.handle_completions(payload))
         choice = result["choices"][0]

