@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -30,6 +31,26 @@ def _port_problem(host: str, port: int) -> Optional[str]:
 
 def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _open_to_network_warning(host: str) -> Optional[str]:
+    """A server reachable from other machines with no key lets anyone use (and launch) models."""
+    from ragserve.api.auth import keys_from_env
+
+    if _is_loopback(host) or keys_from_env():
+        return None
+    return (f"ragserve listens on {host}, reachable from other machines, and has no API key: anyone who can reach "
+            f"this port can run and launch models. Start it with --api-key KEY (or RAGSERVE_API_KEYS=k1,k2) and "
+            f"give clients the key, or bind --host 127.0.0.1.")
 
 
 def _write_server_info(home: Home, host: str, port: int) -> None:
@@ -86,6 +107,9 @@ def serve(
     if api_key:
         os.environ["RAGSERVE_API_KEYS"] = ",".join(api_key)
     if detach:
+        warning = _open_to_network_warning(host)
+        if warning:
+            console.print(f"[yellow]warning:[/] {warning}")
         _serve_detached(home, host, port, log_level, no_relaunch)
         return
     _setup_logging(home, log_level)
@@ -98,6 +122,13 @@ def serve(
     log = logging.getLogger("ragserve")
     log.info("ragserve on http://%s:%s (home %s); OpenAI base URL http://%s:%s/v1", host, port, home.root,
              _client_host(host), port)
+    warning = _open_to_network_warning(host)
+    if warning:
+        log.warning(warning)
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal once it has stopped;
+    # these handlers take that re-raised signal, so the process exits normally and cleans up its files.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
     finally:

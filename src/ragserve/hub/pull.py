@@ -74,7 +74,7 @@ def pull_model(model_id: str, home: Home, *, source: str | None = None, revision
     else:
         say(f"{hub_id.repo_id} is up to date in {dest}")
 
-    for f in todo:
+    for f in selected:
         stat = (dest / f.path).stat()
         recorded[f.path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": f.sha256,
                             "git_oid": f.git_oid}
