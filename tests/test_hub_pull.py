@@ -119,37 +119,28 @@ def assert_same_tree(pulled: Path, original: Path) -> None:
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_pull_whole_model_then_up_to_date_and_listed(cli, hub, source):
+def test_pull_resumes_a_dropped_connection_then_is_up_to_date_and_listed(cli, hub, source):
+    hub.drop_after(WEIGHTS, 20_000_000)  # the connection dies once, 20 MB into the weights
     rc, result = cli.pull(MINILM, "--source", source)
     assert rc == 0, result
     folder = Path(result["path"])
     assert folder == cli.store(source, MINILM)
     assert_same_tree(folder, minilm_folder())
-    first_run_gets = len(hub.downloads_of(WEIGHTS))
-    assert first_run_gets == 1
+    gets = hub.downloads_of(WEIGHTS)
+    assert len(gets) == 2 and gets[0].range is None
+    assert gets[1].range == "bytes=20000000-", gets[1].range  # resumed where the bytes stopped
 
     rc, again = cli.pull(MINILM, "--source", source)  # verified earlier, unchanged: nothing to fetch
     assert rc == 0 and again["path"] == result["path"]
-    assert len(hub.downloads_of(WEIGHTS)) == first_run_gets
+    assert len(hub.downloads_of(WEIGHTS)) == 2
 
     listed = json.loads(cli.run("models", "--json").stdout)
     entry = next(m for m in listed if m["model_id"] == MINILM)
     assert entry["source"] == source and entry["status"] == "complete"
     assert entry["size"] == sum(p.stat().st_size for p in minilm_folder().rglob("*") if p.is_file())
     table = cli.run("models")
-    assert table.returncode == 0 and "all-MiniLM-L6-v2" in table.stdout and "MB" in table.stdout
+    assert table.returncode == 0 and "all-MiniLM-L6-v2" in table.stdout and "91.6 MB" in table.stdout
     cli.assert_nothing_outside_home()
-
-
-@pytest.mark.parametrize("source", SOURCES)
-def test_connection_dropped_mid_file_resumes_with_range(cli, hub, source):
-    hub.drop_after(WEIGHTS, 20_000_000)
-    rc, result = cli.pull(MINILM, "--source", source)
-    assert rc == 0, result
-    assert sha256(Path(result["path"]) / WEIGHTS) == sha256(minilm_folder() / WEIGHTS)
-    gets = hub.downloads_of(WEIGHTS)
-    assert len(gets) == 2 and gets[0].range is None
-    assert gets[1].range and gets[1].range.startswith("bytes=") and int(gets[1].range[6:].split("-")[0]) > 0
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -158,8 +149,8 @@ def test_killed_pull_resumes_on_rerun(cli, hub, source):
     process = subprocess.Popen(cli.args("pull", MINILM, "--source", source, "--quiet"), env=cli.env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert stall.reached.wait(60), "the pull never reached the stall point"
-        time.sleep(0.3)  # the client writes what it received
+        assert stall.reached.wait(90), "the pull never reached the stall point"
+        time.sleep(0.5)  # the client writes what it received
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
     finally:
@@ -167,6 +158,8 @@ def test_killed_pull_resumes_on_rerun(cli, hub, source):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert not cli.store(source, MINILM).joinpath(".ragserve-pull.json").exists()
+    listed = json.loads(cli.run("models", "--json").stdout)
+    assert listed[0]["status"] == "incomplete" and listed[0]["partial_size"] >= 10_000_000
 
     rc, result = cli.pull(MINILM, "--source", source)
     assert rc == 0, result
@@ -174,30 +167,32 @@ def test_killed_pull_resumes_on_rerun(cli, hub, source):
     resumed = hub.downloads_of(WEIGHTS)[-1]
     assert resumed.range, "the second run did not resume with a Range request"
     assert int(resumed.range[len("bytes="):].split("-")[0]) >= 10_000_000
+    assert len(hub.downloads_of(WEIGHTS)) == 2
 
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_corrupted_download_is_detected_and_rerun_fixes_it(cli, hub, source):
-    hub.corrupt(WEIGHTS, at=12_345_678, times=None)
+    # ModelScope re-fetches a file that fails its sha256 a few times by itself: corrupt a small one.
+    # Hugging Face does not check content hashes: ragserve does, for the weights too.
+    victim = "tokenizer.json" if source == "modelscope" else WEIGHTS
+    hub.corrupt(victim, at=123_456, times=None)
     rc, result = cli.pull(MINILM, "--source", source)
-    assert rc == 1
+    assert rc == 1, result
     assert result["kind"] == "checksum"
-    assert "checksum" in result["error"] and WEIGHTS in result["error"] and "re-run" in result["error"].lower()
-    assert not (cli.store(source, MINILM) / WEIGHTS).exists()  # the bad copy is never left in place
+    assert "checksum" in result["error"] and victim in result["error"] and "re-run" in result["error"].lower()
+    assert not (cli.store(source, MINILM) / victim).exists()  # the bad copy is never left in place
 
     hub.faults.clear()
     rc, result = cli.pull(MINILM, "--source", source)
     assert rc == 0, result
-    assert sha256(Path(result["path"]) / WEIGHTS) == sha256(minilm_folder() / WEIGHTS)
+    assert_same_tree(Path(result["path"]), minilm_folder())
 
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_unknown_id_names_close_matches(cli, hub, source):
-    done = cli.run("pull", "sentence-transformers/all-MiniLM-L6-v3", "--source", source)
-    assert done.returncode == 1
-    assert "was not found" in done.stderr and MINILM in done.stderr
     rc, result = cli.pull("sentence-transformers/all-MiniLM-L6-v3", "--source", source)
-    assert result["kind"] == "not_found" and result["suggestions"][0] == MINILM
+    assert rc == 1 and result["kind"] == "not_found"
+    assert result["suggestions"][0] == MINILM and MINILM in result["error"] and "not found" in result["error"]
     assert not (cli.home / "models" / source / "sentence-transformers" / "all-MiniLM-L6-v3").exists()
 
 
@@ -206,7 +201,7 @@ def test_gguf_repo_pulls_only_the_chosen_quant(cli, hub, source):
     rc, result = cli.pull(GGUF_REPO, "--source", source)
     assert rc == 1 and result["kind"] == "ambiguous_quant"
     assert sorted(result["suggestions"]) == ["Q4_1", "Q5_K_M", "Q8_0"]
-    assert "--quant" in result["error"]
+    assert "--quant" in result["error"] and "Q4_K_M" not in result["suggestions"]
 
     rc, result = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M")
     assert rc == 0, result
@@ -218,30 +213,27 @@ def test_gguf_repo_pulls_only_the_chosen_quant(cli, hub, source):
                for r in hub.requests if r.method == "GET"}
     assert not {"SmolLM2-135M-Instruct-Q4_1.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf", "README.md"} & fetched
 
-    rc, result = cli.pull(GGUF_REPO, "--source", source, "--file", "SmolLM2-135M-Instruct-Q4_1.gguf")
+    rc, result = cli.pull(GGUF_REPO, "--source", source, "--file", "SmolLM2-135M-Instruct-Q8_0.gguf")
     assert rc == 0, result
-    assert sha256(Path(result["path"])) == sha256(smollm_gguf())
+    assert sha256(Path(result["path"])) == sha256(smollm_gguf(), 5_000_000)
     listed = json.loads(cli.run("models", "--json").stdout)
     entry = next(m for m in listed if m["model_id"] == GGUF_REPO)
-    assert sorted(entry["gguf"]) == ["SmolLM2-135M-Instruct-Q4_1.gguf", "SmolLM2-135M-Instruct-Q5_K_M.gguf"]
-
-    rc, result = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q2_K")
-    assert rc == 1 and "Q4_1" in result["error"]
+    assert sorted(entry["gguf"]) == ["SmolLM2-135M-Instruct-Q5_K_M.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf"]
 
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_unreachable_hub_names_the_endpoint_variable(cli, hub, source):
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
     env = {"HF_ENDPOINT": dead, "MODELSCOPE_ENDPOINT": dead}
-    rc, result = cli.pull(MINILM, "--source", source, env=env)
+    rc, result = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M", env=env)
     assert rc == 1 and result["kind"] == "unreachable"
     variable = "MODELSCOPE_ENDPOINT" if source == "modelscope" else "HF_ENDPOINT"
     assert variable in result["error"] and dead in result["error"]
 
-    # Once pulled, an unreachable hub no longer blocks using the local copy.
-    rc, pulled = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q8_0")
+    # Once pulled, an unreachable hub no longer blocks using the local copy (what `launch` needs).
+    rc, pulled = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M")
     assert rc == 0, pulled
-    rc, offline = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q8_0", env=env)
+    rc, offline = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M", env=env)
     assert rc == 0 and offline["path"] == pulled["path"]
 
 
@@ -249,8 +241,8 @@ def test_unreachable_hub_names_the_endpoint_variable(cli, hub, source):
 def test_revision(cli, hub, source):
     rc, result = cli.pull(MINILM, "--source", source, "--revision", "no-such-branch")
     assert rc == 1 and result["kind"] == "revision_not_found", result
-    rc, result = cli.pull(GGUF_REPO, "--source", source, "--revision", "v1.0", "--quant", "Q5_K_M")
-    assert rc == 1 and result["kind"] == "revision_not_found"
     rc, result = cli.pull(MINILM, "--source", source, "--revision", "v1.0", "--file", "config.json")
     assert rc == 0, result
-    assert Path(result["path"]) == cli.store(source, MINILM + "@v1.0") / "config.json"
+    path = Path(result["path"])
+    assert path == cli.store(source, MINILM + "@v1.0") / "config.json"
+    assert path.read_bytes() == (minilm_folder() / "config.json").read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -81,7 +82,7 @@ def test_gguf_rerank_mode_from_metadata(models):
     assert qwen3.gguf_family({"architecture": "llama", "name": "reranker"}) is None
 
 
-def test_gguf_yes_no_ids_match_the_hf_tokenizer(models, tmp_path):
+def test_gguf_yes_no_ids_match_the_hf_tokenizer(models):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(models["reranker"])
@@ -132,8 +133,6 @@ def test_converted_gguf_reproduces_reference_in_llama_cpp(models, kind):
                     "temperature": 0})
                 top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
                 logprob = {t["id"]: t["logprob"] for t in top}
-                import math
-
                 p_yes, p_no = math.exp(logprob[yes]), math.exp(logprob[no])
                 scores.append(p_yes / (p_yes + p_no))
     finally:

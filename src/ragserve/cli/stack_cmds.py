@@ -317,7 +317,10 @@ def up(
         except memory.InsufficientMemory as exc:
             estimates[spec.uid] = exc.estimate
             refusals.append(str(exc))
-        planned.append(spec)
+            if force:
+                planned.append(spec)
+        else:
+            planned.append(spec)  # the models that fit are counted against the ones after them
     if plan:
         _print_plan(loaded, specs, estimates, refusals, running)
         raise typer.Exit(1 if refusals else 0)
@@ -356,17 +359,18 @@ def up(
     client.close()
 
     # ---- report ---------------------------------------------------------------------------------
-    table = Table("Name", "Type", "Engine", "State", "Memory (est.)", "Context / dims", "Path / error",
-                  title=f"stack {loaded.name} on {url}")
+    table = Table("Name", "Type", "Engine", "State", "Memory est.", "Details", title=f"stack {loaded.name} on {url}")
     colors = {"ready": "green", "loading": "yellow", "restarting": "yellow", "failed": "red"}
     failed = False
+    footnotes: list[str] = []
     for model in loaded.models:
         uid = model.model_uid
         info = final.get(uid)
         if info is None:
             failed = True
             table.add_row(uid, model.type, model.engine or "", "[red]not launched[/]", _estimate_text(estimates, uid),
-                          "", launch_errors.get(uid, "not on the server"))
+                          "see below")
+            footnotes.append(f"[red]{uid}[/]: {launch_errors.get(uid, 'not on the server')}")
             continue
         state = info["state"]
         failed = failed or state != "ready"
@@ -375,12 +379,16 @@ def up(
             facts.append(f"ctx {info['context_length']}")
         if info.get("dimensions"):
             facts.append(f"{info['dimensions']} dims")
-        detail = info.get("error") if state == "failed" else info.get("model_path")
-        if model.note and state != "failed":
-            detail = f"{detail}\n[dim]{model.note}[/]"
+        if state == "failed":
+            facts = ["see below"]
+            footnotes.append(f"[red]{uid}[/]: {info.get('error')}")
+        elif model.note:
+            footnotes.append(f"[dim]{uid}: {model.note}[/]")
         table.add_row(uid, info["model_type"], info["model_engine"], f"[{colors.get(state, 'white')}]{state}[/]",
-                      _estimate_text(estimates, uid), ", ".join(facts), detail or "")
+                      _estimate_text(estimates, uid), ", ".join(facts))
     console.print(table)
+    for note in footnotes:
+        console.print(note)
     print_settings(host, port, api_key, [(m.model_uid, m.type) for m in loaded.models])
     if failed:
         fail(f"not every model is ready; see the table (worker logs in {home.logs}). Fix the cause and run "

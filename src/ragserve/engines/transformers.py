@@ -184,7 +184,7 @@ class TransformersEmbedding(EmbeddingEngine):
         if eos is None:
             return None
         probe = self.tokenizer("probe")["input_ids"]
-        return None if probe and probe[-1] == eos else eos
+        return None
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         reserve = 1 if self.eos_id is not None else 0

@@ -263,9 +263,20 @@ class ModelScopeSource(HubSource):
         self.api = HubApi(config=self.api._config, endpoint=endpoint)
         self._resolved = True
 
+    def _probe(self) -> None:
+        """Fail in a second, not after the library's retry rounds, when the endpoint cannot be reached."""
+        import requests
+
+        try:
+            requests.head(self.endpoint(), timeout=10, allow_redirects=False)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise self.unreachable(exc) from exc
+
     def listing(self, repo_id: str, revision: str | None) -> Listing:
         from modelscope_hub import NotExistError
 
+        if self._explicit_endpoint:
+            self._probe()
         try:
             self._resolve(repo_id)
             entries = self.api.list_repo_files(repo_id, "model", revision=revision or None, recursive=True)
