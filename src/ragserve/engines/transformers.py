@@ -132,7 +132,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device: str):
         if seq:
             ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
     return ids.to(device), mask.to(device), positions.to(device)
 
 
@@ -184,7 +184,7 @@ class TransformersEmbedding(EmbeddingEngine):
         if eos is None:
             return None
         probe = self.tokenizer("probe")["input_ids"]
-        return None
+        return None if probe and probe[-1] == eos else eos
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         reserve = 1 if self.eos_id is not None else 0
