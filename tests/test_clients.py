@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import shutil
 
 import httpx
@@ -89,20 +90,26 @@ def test_openai_sdk_embeddings_default_base64_equals_float(server, oai, embed_ui
 
 # ---- xinference-client -----------------------------------------------------------------------
 
-def test_xinference_client_full_cycle(server):
+def test_xinference_client_full_cycle(server, embed_uid):
     from xinference_client import RESTfulClient
 
     client = RESTfulClient(server.url)
     chat = client.launch_model(model_name="xi-chat", model_type="LLM", model_path=smollm_gguf_path(),
                                model_engine="llama.cpp", model_format="ggufv2", model_size_in_billions="0_135",
                                quantization="Q4_1")
-    embed = client.launch_model(model_name="xi-embed", model_type="embedding", model_path=minilm_path())
+    # Engine kwargs travel flat, as `xinference launch ... --rerank_mode yes_no` sends them.
     rerank = client.launch_model(model_name="xi-rerank", model_type="rerank", model_engine="llama.cpp",
                                  model_path=smollm_gguf_path(), rerank_mode="yes_no")
+    embed = embed_uid  # an embedding model launched through the OpenAI-style route serves this client too
     try:
         listed = client.list_models()
         assert {chat, embed, rerank} <= set(listed)
-        assert listed[embed]["model_type"] == "embedding"
+        assert listed[embed]["model_type"] == "embedding" and listed[rerank]["model_type"] == "rerank"
+        # Xinference's cluster placement fields (n_gpu, replica, ...) and its null fields do not become
+        # engine options; the flat engine kwarg does.
+        saved = json.loads((server.home / "run" / "models.json").read_text())["models"]
+        options = {m["uid"]: m["options"] for m in saved}
+        assert options[chat] == {} and options[rerank] == {"rerank_mode": "yes_no"}
 
         reply = client.get_model(chat).chat(messages=[{"role": "user", "content": QUESTION}],
                                             generate_config={"max_tokens": 16, "temperature": 0})
@@ -127,9 +134,9 @@ def test_xinference_client_full_cycle(server):
         with pytest.raises(RuntimeError, match="not running"):
             client.get_model("no-such-model")
     finally:
-        for uid in (chat, embed, rerank):
+        for uid in (chat, rerank):
             client.terminate_model(uid)
-    assert not ({chat, embed, rerank} & set(client.list_models()))
+    assert not ({chat, rerank} & set(client.list_models()))
 
 
 # ---- LangChain -------------------------------------------------------------------------------

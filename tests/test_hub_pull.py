@@ -1,7 +1,9 @@
-"""`ragserve pull` / `ragserve models` against a local fake of both hubs, through the real hub libraries.
+"""Pulling from a local fake of both hubs, through the real hub libraries (nothing mocked client-side).
 
-The CLI runs as a subprocess, as a user runs it, with HF_ENDPOINT / MODELSCOPE_ENDPOINT pointing at the
-fake and HOME pointing at an empty folder (nothing may be written outside the ragserve home).
+The fake (tests/fakehub.py) serves the real all-MiniLM-L6-v2 files and a GGUF repo built from the
+real SmolLM2 file. The libraries find it through their own endpoint variables (HF_ENDPOINT,
+MODELSCOPE_ENDPOINT). Most tests call `pull_model` in-process (fast); the kill-and-resume test and
+the CLI test run `ragserve` as a subprocess, with HOME pointing at an empty folder.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from fakehub import FakeHub
+from ragserve.hub import HubError, list_store, pull_model
+from ragserve.settings import resolve_home
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 GGUF_REPO = "second-state/SmolLM2-135M-Instruct-GGUF"
@@ -42,6 +47,15 @@ def sha256(path: Path, limit: int | None = None) -> str:
         return hashlib.sha256(fh.read() if limit is None else fh.read(limit)).hexdigest()
 
 
+def assert_same_tree(pulled: Path, original: Path) -> None:
+    names = sorted(p.relative_to(original).as_posix() for p in original.rglob("*") if p.is_file())
+    got = sorted(p.relative_to(pulled).as_posix() for p in pulled.rglob("*")
+                 if p.is_file() and not p.relative_to(pulled).parts[0].startswith((".cache", ".ragserve")))
+    assert got == names
+    for name in names:
+        assert sha256(pulled / name) == sha256(original / name), name
+
+
 @pytest.fixture(scope="module")
 def hub_server(tmp_path_factory):
     extra = tmp_path_factory.mktemp("hub-extra")
@@ -52,9 +66,9 @@ def hub_server(tmp_path_factory):
     hub.add_folder(MINILM, minilm_folder(), tags=("v1.0",))
     hub.add_repo(GGUF_REPO, {
         "README.md": readme,
-        "SmolLM2-135M-Instruct-Q4_1.gguf": gguf,                    # the real file
-        "SmolLM2-135M-Instruct-Q5_K_M.gguf": (gguf, 3_000_000),      # stand-ins: prefixes of it,
-        "SmolLM2-135M-Instruct-Q8_0.gguf": (gguf, 5_000_000),        # so the pick is visible and cheap
+        "SmolLM2-135M-Instruct-Q4_1.gguf": gguf,                # the real file
+        "SmolLM2-135M-Instruct-Q5_K_M.gguf": (gguf, 3_000_000),  # stand-ins served as prefixes of it,
+        "SmolLM2-135M-Instruct-Q8_0.gguf": (gguf, 5_000_000),    # so the pick is visible and cheap
     })
     hub.start()
     yield hub
@@ -62,9 +76,18 @@ def hub_server(tmp_path_factory):
 
 
 @pytest.fixture
-def hub(hub_server):
+def hub(hub_server, monkeypatch):
+    """The fake, clean, and this process's hub libraries pointed at it."""
+    import huggingface_hub.constants
+
     hub_server.faults.clear()
     hub_server.requests.clear()
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub_server.url)
+    monkeypatch.delenv("RAGSERVE_HUB", raising=False)
+    # conftest turns Hugging Face offline for the whole test process (read once, at import); these
+    # tests are the ones that talk to a hub.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield hub_server
     for fault in hub_server.faults:
         fault.release()
@@ -72,178 +95,189 @@ def hub(hub_server):
 
 
 @pytest.fixture
-def cli(hub, tmp_path):
-    return Cli(hub, tmp_path)
+def home(tmp_path):
+    return resolve_home(tmp_path / "home")
 
 
-class Cli:
-    def __init__(self, hub: FakeHub, tmp_path: Path):
-        self.home = tmp_path / "home"
-        self.user_home = tmp_path / "user-home"
-        self.user_home.mkdir()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("HF_", "MODELSCOPE_", "RAGSERVE_", "TRANSFORMERS_", "XDG_"))}
-        env.update({"HF_ENDPOINT": hub.url, "MODELSCOPE_ENDPOINT": hub.url, "HOME": str(self.user_home),
-                    "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
-        self.env = env
-
-    def args(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "ragserve.cli.main", *args, "--home", str(self.home)]
-
-    def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(self.args(*args), env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=180)
-
-    def pull(self, *args: str, env: dict | None = None) -> tuple[int, dict]:
-        done = self.run("pull", *args, "--json", env=env)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        assert lines, f"no JSON result (rc={done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}"
-        return done.returncode, json.loads(lines[-1])
-
-    def store(self, source: str, repo_id: str) -> Path:
-        return self.home / "models" / source / repo_id
-
-    def assert_nothing_outside_home(self) -> None:
-        leaked = [str(p) for p in self.user_home.rglob("*")]
-        assert not leaked, f"files written outside the ragserve home: {leaked[:10]}"
+def pull(home, model_id=MINILM, **kwargs) -> Path:
+    return pull_model(model_id, home, progress=False, **kwargs)
 
 
-def assert_same_tree(pulled: Path, original: Path) -> None:
-    names = sorted(p.relative_to(original).as_posix() for p in original.rglob("*") if p.is_file())
-    got = sorted(p.relative_to(pulled).as_posix() for p in pulled.rglob("*")
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(pulled).parts[:-1])
-                 and not p.name.startswith(".ragserve"))
-    assert got == names
-    for name in names:
-        assert (pulled / name).read_bytes() == (original / name).read_bytes(), name
+def pull_error(home, model_id=MINILM, **kwargs) -> HubError:
+    with pytest.raises(HubError) as err:
+        pull(home, model_id, **kwargs)
+    return err.value
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_pull_resumes_a_dropped_connection_then_is_up_to_date_and_listed(cli, hub, source):
+def test_dropped_connection_resumes_then_up_to_date_and_listed(hub, home, source):
     hub.drop_after(WEIGHTS, 20_000_000)  # the connection dies once, 20 MB into the weights
-    rc, result = cli.pull(MINILM, "--source", source)
-    assert rc == 0, result
-    folder = Path(result["path"])
-    assert folder == cli.store(source, MINILM)
+    folder = pull(home, source=source)
+    assert folder == home.models / source / MINILM
     assert_same_tree(folder, minilm_folder())
     gets = hub.downloads_of(WEIGHTS)
     assert len(gets) == 2 and gets[0].range is None
     resumed_from = int(gets[1].range[len("bytes="):].rstrip("-"))  # the library keeps whole chunks only
     assert 0 < resumed_from <= 20_000_000, gets[1].range
 
-    rc, again = cli.pull(MINILM, "--source", source)  # verified earlier, unchanged: nothing to fetch
-    assert rc == 0 and again["path"] == result["path"]
+    assert pull(home, source=source) == folder  # verified earlier, unchanged: nothing fetched
     assert len(hub.downloads_of(WEIGHTS)) == 2
 
-    listed = json.loads(cli.run("models", "--json").stdout)
-    entry = next(m for m in listed if m["model_id"] == MINILM)
-    assert entry["source"] == source and entry["status"] == "complete"
-    assert entry["size"] == sum(p.stat().st_size for p in minilm_folder().rglob("*") if p.is_file())
-    table = cli.run("models")
-    assert table.returncode == 0 and "all-MiniLM-L6-v2" in table.stdout and "91.6 MB" in table.stdout
-    cli.assert_nothing_outside_home()
+    [stored] = list_store(home)
+    assert (stored.source, stored.model_id, stored.status) == (source, MINILM, "complete")
+    assert stored.size == sum(p.stat().st_size for p in minilm_folder().rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_killed_pull_resumes_on_rerun(cli, hub, source):
-    stall = hub.stall_after(WEIGHTS, 30_000_000)
-    process = subprocess.Popen(cli.args("pull", MINILM, "--source", source, "--quiet"), env=cli.env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert stall.reached.wait(90), "the pull never reached the stall point"
-        time.sleep(0.5)  # the client writes what it received
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-    finally:
-        stall.release()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert not cli.store(source, MINILM).joinpath(".ragserve-pull.json").exists()
-    listed = json.loads(cli.run("models", "--json").stdout)
-    assert listed[0]["status"] == "incomplete" and listed[0]["partial_size"] >= 10_000_000
-
-    rc, result = cli.pull(MINILM, "--source", source)
-    assert rc == 0, result
-    assert_same_tree(Path(result["path"]), minilm_folder())
-    resumed = hub.downloads_of(WEIGHTS)[-1]
-    assert resumed.range, "the second run did not resume with a Range request"
-    assert int(resumed.range[len("bytes="):].split("-")[0]) >= 10_000_000
-    assert len(hub.downloads_of(WEIGHTS)) == 2
-
-
-@pytest.mark.parametrize("source", SOURCES)
-def test_corrupted_download_is_detected_and_rerun_fixes_it(cli, hub, source):
+def test_corrupted_download_is_detected_and_rerun_fixes_it(hub, home, source):
     # ModelScope re-fetches a file that fails its sha256 a few times by itself: corrupt a small one.
     # Hugging Face does not check content hashes: ragserve does, for the weights too.
     victim = "tokenizer.json" if source == "modelscope" else WEIGHTS
     hub.corrupt(victim, at=123_456, times=None)
-    rc, result = cli.pull(MINILM, "--source", source)
-    assert rc == 1, result
-    assert result["kind"] == "checksum"
-    assert "checksum" in result["error"] and victim in result["error"] and "re-run" in result["error"].lower()
-    assert not (cli.store(source, MINILM) / victim).exists()  # the bad copy is never left in place
+    err = pull_error(home, source=source)
+    assert err.kind == "checksum"
+    assert "checksum" in err.message and victim in err.message and "re-run" in err.message.lower()
+    assert not (home.models / source / MINILM / victim).exists()  # the bad copy is never left in place
 
     hub.faults.clear()
-    rc, result = cli.pull(MINILM, "--source", source)
-    assert rc == 0, result
-    assert_same_tree(Path(result["path"]), minilm_folder())
+    assert_same_tree(pull(home, source=source), minilm_folder())
+
+
+def test_file_corrupted_on_disk_is_refetched(hub, home):
+    folder = pull(home, source="huggingface")
+    weights = folder / WEIGHTS
+    with weights.open("r+b") as fh:  # bit rot, or someone edited it
+        fh.seek(1000)
+        fh.write(b"\0" * 16)
+    pull(home, source="huggingface")
+    assert sha256(weights) == sha256(minilm_folder() / WEIGHTS)
+    assert len(hub.downloads_of(WEIGHTS)) == 2
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_unknown_id_names_close_matches(cli, hub, source):
-    rc, result = cli.pull("sentence-transformers/all-MiniLM-L6-v3", "--source", source)
-    assert rc == 1 and result["kind"] == "not_found"
-    assert result["suggestions"][0] == MINILM and MINILM in result["error"] and "not found" in result["error"]
-    assert not (cli.home / "models" / source / "sentence-transformers" / "all-MiniLM-L6-v3").exists()
+def test_unknown_id_names_close_matches(hub, home, source):
+    err = pull_error(home, "sentence-transformers/all-MiniLM-L6-v3", source=source)
+    assert err.kind == "not_found"
+    assert err.suggestions[0] == MINILM and MINILM in err.message and "not found" in err.message
+    assert "--source" in err.message
+    assert not (home.models / source / "sentence-transformers" / "all-MiniLM-L6-v3").exists()
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_gguf_repo_pulls_only_the_chosen_quant(cli, hub, source):
-    rc, result = cli.pull(GGUF_REPO, "--source", source)
-    assert rc == 1 and result["kind"] == "ambiguous_quant"
-    assert sorted(result["suggestions"]) == ["Q4_1", "Q5_K_M", "Q8_0"]
-    assert "--quant" in result["error"] and "Q4_K_M" not in result["suggestions"]
+def test_gguf_repo_pulls_only_the_chosen_quant(hub, home, source):
+    err = pull_error(home, GGUF_REPO, source=source)
+    assert err.kind == "ambiguous_quant"
+    assert sorted(err.suggestions) == ["Q4_1", "Q5_K_M", "Q8_0"] and "--quant" in err.message
 
-    rc, result = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M")
-    assert rc == 0, result
-    path = Path(result["path"])
-    assert path.name == "SmolLM2-135M-Instruct-Q5_K_M.gguf" and path.is_file()
+    path = pull(home, GGUF_REPO, source=source, quant="Q5_K_M")
+    assert path == home.models / source / GGUF_REPO / "SmolLM2-135M-Instruct-Q5_K_M.gguf"
     assert sha256(path) == sha256(smollm_gguf(), 3_000_000)
     assert sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(".")) == [path.name]
     fetched = {r.query.get("FilePath") or r.query.get("filename") or r.path.rsplit("/", 1)[-1]
                for r in hub.requests if r.method == "GET"}
     assert not {"SmolLM2-135M-Instruct-Q4_1.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf", "README.md"} & fetched
 
-    rc, result = cli.pull(GGUF_REPO, "--source", source, "--file", "SmolLM2-135M-Instruct-Q8_0.gguf")
-    assert rc == 0, result
-    assert sha256(Path(result["path"])) == sha256(smollm_gguf(), 5_000_000)
-    listed = json.loads(cli.run("models", "--json").stdout)
-    entry = next(m for m in listed if m["model_id"] == GGUF_REPO)
-    assert sorted(entry["gguf"]) == ["SmolLM2-135M-Instruct-Q5_K_M.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf"]
+    path = pull(home, GGUF_REPO, source=source, filename="SmolLM2-135M-Instruct-Q8_0.gguf")
+    assert sha256(path) == sha256(smollm_gguf(), 5_000_000)
+    [stored] = list_store(home)
+    assert sorted(stored.gguf) == ["SmolLM2-135M-Instruct-Q5_K_M.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf"]
+    assert pull_error(home, GGUF_REPO, source=source, quant="Q2_K").kind == "ambiguous_quant"
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_unreachable_hub_names_the_endpoint_variable(cli, hub, source):
-    dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    env = {"HF_ENDPOINT": dead, "MODELSCOPE_ENDPOINT": dead}
-    rc, result = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M", env=env)
-    assert rc == 1 and result["kind"] == "unreachable"
-    variable = "MODELSCOPE_ENDPOINT" if source == "modelscope" else "HF_ENDPOINT"
-    assert variable in result["error"] and dead in result["error"]
+def test_unreachable_hub_names_the_endpoint_variable(hub, home, source, monkeypatch):
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens
+    with monkeypatch.context() as patch:
+        patch.setenv("HF_ENDPOINT", dead)
+        patch.setenv("MODELSCOPE_ENDPOINT", dead)
+        err = pull_error(home, GGUF_REPO, source=source, quant="Q5_K_M")
+        assert err.kind == "unreachable"
+        variable = "MODELSCOPE_ENDPOINT" if source == "modelscope" else "HF_ENDPOINT"
+        assert variable in err.message and dead in err.message
 
-    # Once pulled, an unreachable hub no longer blocks using the local copy (what `launch` needs).
-    rc, pulled = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M")
-    assert rc == 0, pulled
-    rc, offline = cli.pull(GGUF_REPO, "--source", source, "--quant", "Q5_K_M", env=env)
-    assert rc == 0 and offline["path"] == pulled["path"]
+    # Once pulled, an unreachable hub does not block using the local copy (what `launch` needs).
+    pulled = pull(home, GGUF_REPO, source=source, quant="Q5_K_M")
+    with monkeypatch.context() as patch:
+        patch.setenv("HF_ENDPOINT", dead)
+        patch.setenv("MODELSCOPE_ENDPOINT", dead)
+        assert pull(home, GGUF_REPO, source=source, quant="Q5_K_M") == pulled
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_revision(cli, hub, source):
-    rc, result = cli.pull(MINILM, "--source", source, "--revision", "no-such-branch")
-    assert rc == 1 and result["kind"] == "revision_not_found", result
-    rc, result = cli.pull(MINILM, "--source", source, "--revision", "v1.0", "--file", "config.json")
-    assert rc == 0, result
-    path = Path(result["path"])
-    assert path == cli.store(source, MINILM + "@v1.0") / "config.json"
+def test_revision(hub, home, source):
+    assert pull_error(home, source=source, revision="no-such-branch").kind == "revision_not_found"
+    path = pull(home, source=source, revision="v1.0", filename="config.json")
+    assert path == home.models / source / (MINILM + "@v1.0") / "config.json"
     assert path.read_bytes() == (minilm_folder() / "config.json").read_bytes()
+
+
+def test_hf_offline_mode_is_named(hub, home, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    err = pull_error(home, source="huggingface")
+    assert err.kind == "offline" and "HF_HUB_OFFLINE" in err.message
+
+
+# --- the command line ------------------------------------------------------------------------
+def cli_env(hub: FakeHub, user_home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "MODELSCOPE_", "RAGSERVE_", "TRANSFORMERS_", "XDG_"))}
+    env.update({"HF_ENDPOINT": hub.url, "MODELSCOPE_ENDPOINT": hub.url, "HOME": str(user_home)})
+    return env
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_killed_pull_resumes_on_rerun(hub, tmp_path, source):
+    """`ragserve pull` killed mid-file; the next run asks for the rest with a Range request."""
+    home, user_home = tmp_path / "home", tmp_path / "user-home"
+    user_home.mkdir()
+    args = [sys.executable, "-m", "ragserve.cli.main", "pull", MINILM, "--source", source, "--home", str(home)]
+    env = cli_env(hub, user_home)
+    stall = hub.stall_after(WEIGHTS, 30_000_000)
+    process = subprocess.Popen([*args, "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        assert stall.reached.wait(90), "the pull never reached the stall point"
+        time.sleep(0.5)  # let the client write what it received
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        stall.release()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    [stored] = list_store(resolve_home(home))
+    assert stored.status == "incomplete" and stored.partial_size >= 10_000_000
+
+    done = subprocess.run([*args, "--json"], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_tree(Path(json.loads(done.stdout)["path"]), minilm_folder())
+    resumed = hub.downloads_of(WEIGHTS)[-1]
+    assert resumed.range, "the second run did not resume with a Range request"
+    assert int(resumed.range[len("bytes="):].split("-")[0]) >= 10_000_000
+    assert len(hub.downloads_of(WEIGHTS)) == 2
+    leaked = [str(p) for p in user_home.rglob("*")]
+    assert not leaked, f"files written outside the ragserve home: {leaked[:10]}"
+
+
+def test_cli_pull_and_models(hub, tmp_path):
+    from ragserve.cli.main import app
+
+    runner = CliRunner()
+    home = str(tmp_path / "home")
+    result = runner.invoke(app, ["pull", GGUF_REPO, "--home", home, "--source", "hf"])
+    assert result.exit_code == 1
+    assert "--quant" in result.output and "Q5_K_M" in result.output
+
+    result = runner.invoke(app, ["pull", "hf:" + GGUF_REPO, "--home", home, "--quant", "q8_0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "SmolLM2-135M-Instruct-Q8_0.gguf" in result.output
+
+    result = runner.invoke(app, ["pull", "nobody/nothing", "--home", home, "--source", "modelscope", "--json"])
+    assert result.exit_code == 1 and json.loads(result.output)["kind"] == "not_found"
+
+    result = runner.invoke(app, ["models", "--home", home], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert GGUF_REPO in result.output and "5.0 MB" in result.output and "huggingface" in result.output
+    listed = json.loads(runner.invoke(app, ["models", "--home", home, "--json"]).output)
+    assert listed[0]["gguf"] == ["SmolLM2-135M-Instruct-Q8_0.gguf"] and listed[0]["size"] == 5_000_000

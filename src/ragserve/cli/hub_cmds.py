@@ -10,20 +10,19 @@ from rich.table import Table
 
 from ragserve.cli.common import HomeOption, console, fail, home_from
 
-PULL_HELP = """Download a model from ModelScope or Hugging Face into the home's model store.
-
-MODEL_ID is ORG/NAME as the hub spells it (e.g. Qwen/Qwen3-Embedding-4B); prefix it with `hf:` or `ms:`
-to pick the hub inline. The hub is --source, else RAGSERVE_HUB, else ModelScope when its library is
-installed, else Hugging Face. Files land in <home>/models/<source>/<org>/<name>/ (the libraries'
-caches in <home>/cache/).
-
-Re-run the same command to resume an interrupted pull. Files are checked against the sizes and
-checksums the hub lists; a corrupted file is deleted and reported, and the next run fetches it again.
-For a GGUF repo only one quantization is downloaded: choose it with --quant (e.g. Q4_K_M) or --file.
-
-Mirrors and tokens use the libraries' own variables: HF_ENDPOINT, HF_TOKEN, MODELSCOPE_ENDPOINT,
-MODELSCOPE_API_TOKEN.
-"""
+# Paragraphs, each joined onto one line: the help renderer keeps hard line breaks.
+PULL_HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in (
+    "Download a model from ModelScope or Hugging Face into the home's model store.",
+    """MODEL_ID is ORG/NAME as the hub spells it (e.g. Qwen/Qwen3-Embedding-4B); prefix it with hf: or ms:
+    to pick the hub inline. The hub is --source, else RAGSERVE_HUB, else ModelScope when its library is
+    installed, else Hugging Face. Files land in <home>/models/<source>/<org>/<name>/, the libraries'
+    caches in <home>/cache/.""",
+    """Re-run the same command to resume an interrupted pull. Files are checked against the sizes and
+    checksums the hub lists; a corrupted file is deleted and reported, and the next run fetches it again.""",
+    """For a GGUF repo only one quantization is downloaded: choose it with --quant (e.g. Q4_K_M) or --file.""",
+    """Mirrors and tokens use the libraries' own variables: HF_ENDPOINT, HF_TOKEN, MODELSCOPE_ENDPOINT,
+    MODELSCOPE_API_TOKEN.""",
+))
 
 
 def register(app: typer.Typer) -> None:
@@ -85,13 +84,17 @@ def models(
         console.print(f"No models in {resolved_home.models} yet; add one with `ragserve pull ORG/NAME`.")
         return
     table = Table(title=f"Models in {resolved_home.models}")
-    for column in ("source", "model", "size", "files", "status", "path"):
+    for column in ("source", "model", "size", "files", "status", "folder"):
         table.add_column(column, justify="right" if column in ("size", "files") else "left",
                          overflow="fold")
     for m in stored:
         status = m.status if not m.partial_size else f"{m.status} (+{human_size(m.partial_size)} partial)"
         model = m.model_id + "".join(f"\n  {name}" for name in m.gguf)
-        table.add_row(m.source, model, human_size(m.size), str(m.files), status, str(m.path))
+        try:
+            where = str(m.path.relative_to(resolved_home.models))
+        except ValueError:
+            where = str(m.path)
+        table.add_row(m.source, model, human_size(m.size), str(m.files), status, where)
     console.print(table)
     total = sum(m.size for m in stored)
     console.print(f"{len(stored)} model(s), {human_size(total)} in total")

@@ -133,8 +133,8 @@ def print_settings(host: str, port: int, api_key: Optional[str], models: list[tu
     console.print(Panel("\n".join(lines), title="Connect RAGFlow / Dify", expand=False))
 
 
-def _line_of(loaded: LoadedStack, index: int) -> str:
-    return f"models[{index}] ({loaded.models[index].name})"
+def _line_of(loaded: LoadedStack, index: int, key: Optional[str] = None) -> str:
+    return f"{loaded.path.name} {loaded.where(index, key)}"
 
 
 def _resolve_files(loaded: LoadedStack, home: Home, *, pull: bool) -> tuple[list[Optional[str]], list[str]]:
@@ -153,7 +153,7 @@ def _resolve_files(loaded: LoadedStack, home: Home, *, pull: bool) -> tuple[list
             continue
         hub_id = loaded.hub_id(model)
         if hub_id is None:
-            problems.append(f"{_line_of(loaded, index)}: path {model.path} does not exist (relative paths are read "
+            problems.append(f"{_line_of(loaded, index, 'path')}: {model.path} does not exist (relative paths are read "
                             f"from {loaded.path.parent}); fix the path, or give a hub ID (hub: ORG/NAME) to pull")
             paths.append(None)
             continue
@@ -178,6 +178,18 @@ def _resolve_files(loaded: LoadedStack, home: Home, *, pull: bool) -> tuple[list
     return paths, problems
 
 
+_FLAG_KEYS = {"--model-engine": "engine:", "--model-type": "type:", "--model-path": "path:",
+              "--model-format": "format:", "--quantization": "quantization:", "--size-in-billions": "size_in_billions:",
+              "--model-uid": "uid:"}
+
+
+def _as_stack_keys(message: str) -> str:
+    """Launch errors name CLI flags; in a stack file the same settings are keys."""
+    for flag, key in _FLAG_KEYS.items():
+        message = message.replace(flag, key)
+    return message
+
+
 def _plan_spec(model: StackModel, path: Optional[str]) -> tuple[Optional[ModelSpec], Optional[str]]:
     """The spec the server would build (for the memory estimate), or the launch error it would give."""
     from ragserve.control.resolve import LaunchError, build_spec
@@ -189,7 +201,7 @@ def _plan_spec(model: StackModel, path: Optional[str]) -> tuple[Optional[ModelSp
                               quantization=model.quantization, size_in_billions=model.size_in_billions,
                               n_ctx=model.n_ctx, n_parallel=model.n_parallel, options=model.options), None
         except LaunchError as exc:
-            return None, str(exc)
+            return None, _as_stack_keys(str(exc))
     # Not pulled yet (--plan): estimate from the stack's own figures.
     engine = model.engine or ("llama.cpp" if (model.quantization or "").upper().startswith(("Q", "IQ"))
                               else "transformers")

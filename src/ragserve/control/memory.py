@@ -69,13 +69,13 @@ LLAMA_EMBED_CTX = 8192
 TORCH_MAX_LENGTH = 8192
 LLAMA_RERANK_PARALLEL = 4
 
-# Qwen3 sizes (nominal B -> parameters in billions, layers), for "a smaller size fits" advice.
-# KV heads 8 and head dim 128 for all of them.
-QWEN3_SIZES: dict[str, list[tuple[str, float, int]]] = {
-    "Qwen3": [("32B", 32.76, 64), ("14B", 14.77, 40), ("8B", 8.19, 36), ("4B", 4.02, 36), ("1.7B", 2.03, 28),
-              ("0.6B", 0.75, 28)],
-    "Qwen3-Embedding": [("8B", 7.57, 36), ("4B", 4.02, 36), ("0.6B", 0.6, 28)],
-    "Qwen3-Reranker": [("8B", 8.19, 36), ("4B", 4.02, 36), ("0.6B", 0.6, 28)],
+# Qwen3 sizes (nominal -> parameters in billions, layers, hidden, intermediate), for planning before
+# the files are pulled and for "a smaller size fits" advice. KV heads 8 and head dim 128 for all.
+QWEN3_SIZES: dict[str, list[tuple[str, float, int, int, int]]] = {
+    "Qwen3": [("32B", 32.76, 64, 5120, 25600), ("14B", 14.77, 40, 5120, 17408), ("8B", 8.19, 36, 4096, 12288),
+              ("4B", 4.02, 36, 2560, 9728), ("1.7B", 2.03, 28, 2048, 6144), ("0.6B", 0.75, 28, 1024, 3072)],
+    "Qwen3-Embedding": [("8B", 7.57, 36, 4096, 12288), ("4B", 4.02, 36, 2560, 9728), ("0.6B", 0.6, 28, 1024, 3072)],
+    "Qwen3-Reranker": [("8B", 8.19, 36, 4096, 12288), ("4B", 4.02, 36, 2560, 9728), ("0.6B", 0.6, 28, 1024, 3072)],
 }
 
 
@@ -360,10 +360,15 @@ def estimate(spec: ModelSpec) -> MemoryEstimate:
         else:
             dtype = _torch_load_dtype(spec, device, stored_dtype)
             bytes_per = DTYPE_BYTES.get(dtype, 2)
+        known = None if config else _known_model(f"{spec.model_path} {spec.model_name}")
+        if known:  # no files yet (a plan before pulling): a model whose architecture is published
+            arch = known[1]
         if stored_params:
             params, source = stored_params, "safetensors headers"
         elif params_from_config(arch):
             params, source = params_from_config(arch), "config.json"
+        elif known:
+            params, source = known[0], f"published size of {known[2]}"
         elif spec.size_in_billions:
             params, source = float(spec.size_in_billions), "size_in_billions"
         else:
@@ -379,16 +384,29 @@ def estimate(spec: ModelSpec) -> MemoryEstimate:
     kv = 0
     if per_token and (spec.model_type == ModelType.LLM or engine in ("llama.cpp", "vllm")):
         kv = per_token * kv_tokens
-    elif arch.hidden and n_ctx:
+    else:
+        kv_tokens = 0
+    if kv_tokens == 0 and arch.hidden and n_ctx:
         # Encoders and torch embedding/rerank passes keep no cache; the peak is one batch's activations.
         act_bytes = 2 if device == "gpu" else 4
         kv = int(n_ctx * (arch.hidden * 8 + (arch.intermediate or 4 * arch.hidden) * 3) * act_bytes)
-        kv_tokens = 0
     overhead = _runtime_overhead(engine, device, weights)
     return MemoryEstimate(uid=spec.uid, device=device, weights_bytes=int(weights), kv_cache_bytes=int(kv),
                           overhead_bytes=overhead, params_billions=round(params, 3) if params else None,
                           weights_dtype=dtype, weights_source=source, n_ctx=n_ctx, kv_tokens=kv_tokens,
                           engine=engine, arch=arch, notes=notes)
+
+
+def _known_model(text: str) -> Optional[tuple[float, Architecture, str]]:
+    """(parameters in billions, architecture, name) for a Qwen3 model named in `text`."""
+    for family in ("Qwen3-Embedding", "Qwen3-Reranker", "Qwen3"):
+        for label, params, layers, hidden, intermediate in QWEN3_SIZES[family]:
+            if re.search(re.escape(f"{family}-{label}") + r"(?![\d.])", text, re.IGNORECASE):
+                arch = Architecture(layers=layers, kv_heads=8, head_dim_k=128, head_dim_v=128, hidden=hidden,
+                                    intermediate=intermediate, heads=hidden // 128, trained_ctx=40960, decoder=True,
+                                    name=f"{family}-{label}")
+                return params, arch, f"{family}-{label}"
+    return None
 
 
 def _runtime_overhead(engine: str, device: str, weights: float) -> int:
@@ -578,7 +596,7 @@ def available(device: Optional[str] = None, *, server_pid: Optional[int] = None,
 
 # ---- the check ---------------------------------------------------------------------------------
 
-def _family_sizes(spec: ModelSpec, est: MemoryEstimate) -> tuple[Optional[str], list[tuple[str, float, int]]]:
+def _family_sizes(spec: ModelSpec, est: MemoryEstimate) -> tuple[Optional[str], list[tuple]]:
     text = f"{Path(spec.model_path).name} {est.arch.name} {spec.model_name}"
     for family in ("Qwen3-Embedding", "Qwen3-Reranker", "Qwen3"):
         if re.search(re.escape(family) + r"[-_ ]?\d", text, re.IGNORECASE):
@@ -613,7 +631,7 @@ def suggest(spec: ModelSpec, est: MemoryEstimate, budget: int) -> list[str]:
     if family and params:
         bytes_per = (current_bpw or 16) / 8
         smaller = []
-        for label, size_params, layers in sizes:
+        for label, size_params, layers, _hidden, _intermediate in sizes:
             if size_params >= params * 0.95:
                 continue
             kv = 0
@@ -688,6 +706,8 @@ def check_fits(spec: ModelSpec, *, also: Iterable[ModelSpec] = (), figures: Opti
     where = figures.describe()
     if planned_by:
         where += "; planned before it in this stack: " + ", ".join(planned_by)
+    if est.device == "gpu" and figures.device != "gpu":
+        where += "; no GPU is visible here, so RAM was the measure"
     message = (f"not enough memory for {spec.uid!r}: it needs about {gib(needed)} on the "
                f"{'GPU' if est.device == 'gpu' else 'CPU (RAM)'} ({est.breakdown()}), but only {gib(budget)} is "
                f"available [{where}].")

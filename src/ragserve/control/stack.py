@@ -197,10 +197,18 @@ class Stack(_Strict):
 class LoadedStack:
     """A validated stack plus where it came from, for resolving relative paths and error lines."""
 
-    def __init__(self, stack: Stack, path: Path):
+    def __init__(self, stack: Stack, path: Path, lines: Optional[dict[tuple, int]] = None):
         self.stack = stack
         self.path = path
         self.name = stack.name or path.stem
+        self._lines = lines or {}
+
+    def where(self, index: int, key: Optional[str] = None) -> str:
+        """`line 7, models[1] (name)` (or `.path`) for messages about one model of the file."""
+        loc = ("models", index, key) if key else ("models", index)
+        line = self._lines.get(loc) or self._lines.get(("models", index))
+        label = f"models[{index}]" + (f".{key}" if key else "") + f" ({self.models[index].name})"
+        return f"line {line}, {label}" if line else label
 
     @property
     def server(self) -> ServerSettings:
@@ -219,8 +227,8 @@ class LoadedStack:
             return resolve_builtin(raw)
         expanded = Path(os.path.expanduser(os.path.expandvars(raw)))
         if not expanded.is_absolute():
-            relative = (self.path.parent / expanded)
-            if relative.exists() or raw.startswith("."):
+            relative = self.path.parent / expanded
+            if relative.exists():
                 return relative.resolve()
         if expanded.exists():
             return expanded.resolve()
@@ -335,7 +343,7 @@ def parse_stack(text: str, path: Path) -> LoadedStack:
                 message = f"missing required key {loc[-1]!r}"
             problems.append(f"  {_where(loc, lines, data)}: {message}")
         raise StackError(f"{path} is not a valid stack file:\n" + "\n".join(problems)) from None
-    return LoadedStack(stack, path)
+    return LoadedStack(stack, path, lines)
 
 
 def _known_keys(loc: tuple) -> list[str]:

@@ -132,7 +132,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device: str):
         if seq:
             ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq):] = 1
-    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
 

@@ -1,7 +1,8 @@
 """The two hubs, behind one small interface, each driven through its own library.
 
-The libraries do the transfer (their resume, retries, endpoint and cache settings); this module
-only lists files, downloads a chosen subset into a plain folder, and turns their exceptions into
+The libraries do the transfers (their HTTP clients, auth, retries, endpoint and cache settings,
+progress bars); this module lists files, downloads a chosen subset into a plain folder, keeps
+partial files across runs where the library would not, and turns the libraries' exceptions into
 `HubError`s that name the cause and the fix.
 """
 
@@ -54,7 +55,7 @@ class HubSource:
     # --- shared error helpers -------------------------------------------------------------
     def unreachable(self, exc: BaseException) -> HubError:
         return HubError(
-            f"cannot reach the {self.label} hub at {self.endpoint()} ({_short(exc)}). Check the network or proxy "
+            f"cannot reach the {self.label} hub at {self.endpoint()} ({_reason(exc)}). Check the network or proxy "
             f"(HTTPS_PROXY), or point {self.endpoint_env} at a reachable mirror of the hub; "
             f"or pull from the other hub with --source {self.other}",
             kind="unreachable")
@@ -206,19 +207,23 @@ class HuggingFaceSource(HubSource):
             hf_hub_download(repo_id, remote.path, revision=revision, local_dir=dest, cache_dir=self.cache_dir,
                             endpoint=self._endpoint)
             return
+        from filelock import FileLock  # a dependency of huggingface_hub
+
         target = dest / remote.path
         partial = dest / PARTIAL_DIR / (remote.path + ".incomplete")
         partial.parent.mkdir(parents=True, exist_ok=True)
-        have = partial.stat().st_size if partial.exists() else 0
-        expected = meta.size if meta.size is not None else remote.size
-        if expected is not None and have > expected:
-            partial.unlink()
-            have = 0
-        with partial.open("ab") as fh:
-            http_get(meta.location, fh, resume_size=have, headers=build_hf_headers(), expected_size=expected,
-                     displayed_filename=remote.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, target)
+        # Two pulls of one model (the CLI and a `launch`) must not append to one partial file.
+        with FileLock(str(partial) + ".lock"):
+            have = partial.stat().st_size if partial.exists() else 0
+            expected = meta.size if meta.size is not None else remote.size
+            if expected is not None and have > expected:
+                partial.unlink()
+                have = 0
+            with partial.open("ab") as fh:
+                http_get(meta.location, fh, resume_size=have, headers=build_hf_headers(), expected_size=expected,
+                         displayed_filename=remote.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
 
     def search(self, query: str) -> list[str]:
         from huggingface_hub import HfApi
@@ -245,13 +250,13 @@ class ModelScopeSource(HubSource):
         # user points MODELSCOPE_HOME at a login; tokens also come from MODELSCOPE_API_TOKEN.
         self.cache_dir = home.cache / "modelscope"
         config_dir = Path(os.environ.get("MODELSCOPE_HOME") or home.cache / "modelscope-home")
-        config = HubConfig(cache_dir=self.cache_dir, config_dir=config_dir)
-        self._explicit_endpoint = config._endpoint_overridden
-        self.api = HubApi(config=config)
+        self.config = HubConfig(cache_dir=self.cache_dir, config_dir=config_dir)
+        self._explicit_endpoint = bool(os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN"))
+        self.api = HubApi(config=self.config)
         self._resolved = False
 
     def endpoint(self) -> str:
-        return self.api._config.endpoint
+        return self.config.endpoint
 
     def _resolve(self, repo_id: str) -> None:
         """With no endpoint set, the library probes its two public sites for the repo; keep its answer."""
@@ -260,7 +265,7 @@ class ModelScopeSource(HubSource):
         from modelscope_hub import HubApi
 
         endpoint = self.api.resolve_endpoint_for_read(repo_id, repo_type="model")
-        self.api = HubApi(config=self.api._config, endpoint=endpoint)
+        self.api = HubApi(config=self.config, endpoint=endpoint)
         self._resolved = True
 
     def _probe(self) -> None:
@@ -362,6 +367,21 @@ def _is_connection_error(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of a transport error, e.g. "[Errno 111] Connection refused", not three wrappers' text."""
+    chain, seen = [], 0
+    while exc is not None and seen < 8:
+        chain.append(exc)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    for error in reversed(chain):
+        match = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(error))
+        if match:
+            return match.group(0).strip()
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+    return _short(chain[-1]) if chain else "unknown error"
 
 
 def _short(exc: BaseException) -> str:

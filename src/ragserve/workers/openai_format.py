@@ -178,7 +178,9 @@ def rerank_result(model: str, documents: list[str], scores: list[float], prompt_
             "relevance_score": float(scores[index]),
             "document": {"text": documents[index]} if return_documents else None,
         })
-    tokens = {"input_tokens": prompt_tokens, "output_tokens": 0} if return_len else None
+    # Xinference reports output_tokens equal to input_tokens for rerank; clients that sum both (RAGFlow's
+    # SILICONFLOW-style providers) then see the same total as against Xinference.
+    tokens = {"input_tokens": prompt_tokens, "output_tokens": prompt_tokens} if return_len else None
     return {
         "id": new_id("rerank"),
         "model": model,

@@ -34,6 +34,7 @@ from ragserve.engines import load_engine
 from ragserve.engines.base import (Engine, EngineError, EngineInputError, EmbeddingEngine, GenerationRequest,
                                    LLMEngine, RerankEngine)
 from ragserve.workers import openai_format
+from ragserve.workers.batching import BatchResult, DynamicBatcher, embedding_batcher, rerank_batcher
 from ragserve.workers.streaming import iterate_in_thread
 
 log = logging.getLogger("ragserve.worker")
@@ -195,11 +196,20 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     async def completions(body: CompletionRequest):
         return await run_generation(body, chat=False)
 
-    async def in_engine_thread(fn):
+    def engine_batcher(engine: Engine) -> DynamicBatcher:
+        # Made on first use: the engine (and its max_batch_size) exists only once loaded.
+        batcher = getattr(app.state, "batcher", None)
+        if batcher is None:
+            make = embedding_batcher if isinstance(engine, EmbeddingEngine) else rerank_batcher
+            batcher = app.state.batcher = make(engine, runtime.spec, runtime.executor)
+        return batcher
+
+    async def in_engine_thread(engine: Engine, key, items: list[str]) -> BatchResult:
+        """Queue items for the engine thread; concurrent callers with the same key share one call."""
         runtime.admit()
         runtime.waiting += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(runtime.executor, fn)
+            return await engine_batcher(engine).submit(key, items)
         except EngineError as exc:
             raise _engine_error(exc) from exc
         finally:
@@ -217,9 +227,8 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
             if body.dimensions > engine.dimensions:
                 raise APIError(400, f"dimensions={body.dimensions} exceeds the model's {engine.dimensions}",
                                param="dimensions")
-        output = await in_engine_thread(
-            lambda: engine.embed(texts, is_query=body.wants_query(), instruction=body.instruction))
-        vectors = openai_format.cut_dimensions(np.asarray(output.vectors, dtype=np.float32), body.dimensions)
+        output = await in_engine_thread(engine, (body.wants_query(), body.instruction), texts)
+        vectors = openai_format.cut_dimensions(np.asarray(output.items, dtype=np.float32), body.dimensions)
         return JSONResponse(openai_format.embedding_list(body.model, vectors, output.prompt_tokens,
                                                          body.encoding_format))
 
@@ -227,9 +236,8 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     async def rerank(body: RerankRequest):
         engine: RerankEngine = runtime.require(RerankEngine)
         documents: list[str] = body.documents  # type: ignore[assignment]  # validated to text
-        output = await in_engine_thread(
-            lambda: engine.rerank(body.query, documents, instruction=body.instruction))
-        return openai_format.rerank_result(body.model, documents, output.scores, output.prompt_tokens,
+        output = await in_engine_thread(engine, (body.query, body.instruction), documents)
+        return openai_format.rerank_result(body.model, documents, output.items, output.prompt_tokens,
                                            body.top_n, body.return_documents, body.return_len)
 
     return app

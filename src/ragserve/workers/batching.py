@@ -1,0 +1,332 @@
+"""Dynamic batching for embedding and rerank workers.
+
+Concurrent requests wait in one FIFO queue. A single consumer task takes the oldest request,
+adds later requests that can share its engine call, and runs that one call on the engine
+thread; each caller gets back exactly its own slice of the output.
+
+Requests can share a call when the engine would treat them alike: embeddings with the same
+query/document kind and instruction, rerank requests with the same query and instruction (the
+RerankEngine interface scores one query against many documents). A merged call is bounded by a
+number of items and by a token estimate; a single request larger than both runs alone and whole,
+since the engine splits it into its own internal batches anyway.
+
+Waiting for company costs latency, so the consumer only waits when it has recently seen
+concurrent callers: a lone sequential client is dispatched at once, while under load the
+queue is given up to `max_wait_s` to refill to the size of the previous merged call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter, deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Hashable, Optional, Sequence, TypeVar
+
+from ragserve.control.spec import ModelSpec
+from ragserve.engines.base import EmbeddingEngine, EmbeddingOutput, RerankEngine, RerankOutput
+
+log = logging.getLogger("ragserve.batching")
+
+T = TypeVar("T")
+
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_MAX_TOKENS = 16384
+# Characters per token for the budget estimate: close enough for English BPE/WordPiece, and the
+# budget only shapes batches; the engine enforces real context limits.
+CHARS_PER_TOKEN = 4
+# A caller arriving this long after the last call ended is not part of a burst: no waiting.
+IDLE_RESET_S = 0.1
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 2  # + special tokens
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Limits of one merged engine call.
+
+    Read from the model's launch options (`batch_max_size`, `batch_max_tokens`, `batch_wait_ms`),
+    then the environment (`RAGSERVE_BATCH_MAX_SIZE`, `RAGSERVE_BATCH_MAX_TOKENS`,
+    `RAGSERVE_BATCH_WAIT_MS`), then defaults: the engine's `max_batch_size`, 16384 tokens, 5 ms.
+    `batch_max_size=1` turns merging off.
+    """
+
+    max_batch_size: int
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_wait_s: float = DEFAULT_MAX_WAIT_MS / 1000
+
+    @classmethod
+    def for_engine(cls, spec: ModelSpec, engine: Any) -> "BatchSettings":
+        def option(name: str, env: str, default: float) -> float:
+            raw = spec.options.get(name)
+            if raw is None:
+                raw = os.environ.get(env)
+            if raw is None or raw == "":
+                return default
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                log.warning("ignoring %s=%r: not a number", name, raw)
+                return default
+            return value if value >= 0 else default
+
+        size = int(option("batch_max_size", "RAGSERVE_BATCH_MAX_SIZE", getattr(engine, "max_batch_size", 32)))
+        tokens = int(option("batch_max_tokens", "RAGSERVE_BATCH_MAX_TOKENS", DEFAULT_MAX_TOKENS))
+        wait_ms = option("batch_wait_ms", "RAGSERVE_BATCH_WAIT_MS", DEFAULT_MAX_WAIT_MS)
+        return cls(max_batch_size=max(1, size), max_tokens=max(1, tokens), max_wait_s=min(wait_ms, 1000.0) / 1000)
+
+
+@dataclass
+class BatchResult(Generic[T]):
+    """One caller's share of a merged call."""
+
+    items: list[T]  # vectors or scores, in the caller's input order
+    prompt_tokens: int
+    batch_items: int  # items in the engine call that served it (1 caller alone: its own count)
+    batch_requests: int
+
+
+@dataclass
+class _Job:
+    key: Hashable
+    items: list[str]
+    tokens: int
+    future: asyncio.Future
+    enqueued: float
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    items: int = 0
+    largest_batch: int = 0  # items in the largest engine call
+    most_requests: int = 0  # requests merged into one engine call, at most
+    requests_per_batch: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "requests": self.requests, "items": self.items,
+                "largest_batch": self.largest_batch, "most_requests_per_batch": self.most_requests,
+                "requests_per_batch": dict(sorted(self.requests_per_batch.items()))}
+
+
+# (key, items) -> (one result per item, total prompt tokens, per-item tokens or None)
+RunBatch = Callable[[Hashable, list[str]], "tuple[Sequence[Any], int, Optional[Sequence[int]]]"]
+
+
+class DynamicBatcher:
+    """Gathers concurrent requests into engine calls; one call at a time, on `executor`."""
+
+    def __init__(self, run_batch: RunBatch, executor: Executor, settings: BatchSettings,
+                 item_tokens: Callable[[Hashable, str], int]):
+        self.run_batch = run_batch
+        self.executor = executor
+        self.settings = settings
+        self.item_tokens = item_tokens
+        self.stats = BatchStats()
+        self._queue: deque[_Job] = deque()
+        self._arrived = asyncio.Event()
+        self._consumer: Optional[asyncio.Task] = None
+        # Requests merged into the previous call: how many callers to wait for next time.
+        self._expected = 1
+        self._last_done = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"max_batch_size": self.settings.max_batch_size, "max_tokens": self.settings.max_tokens,
+                "max_wait_ms": round(self.settings.max_wait_s * 1000, 3), "queued": len(self._queue),
+                **self.stats.as_dict()}
+
+    async def submit(self, key: Hashable, items: Sequence[str]) -> BatchResult:
+        loop = asyncio.get_running_loop()
+        if self._consumer is None or self._consumer.done():
+            self._consumer = loop.create_task(self._consume(), name="batcher")
+        job = _Job(key=key, items=list(items), tokens=sum(self.item_tokens(key, it) for it in items),
+                   future=loop.create_future(), enqueued=time.monotonic())
+        self._queue.append(job)
+        self._arrived.set()
+        return await job.future
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
+            try:
+                await self._consumer
+            except asyncio.CancelledError:
+                pass
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.cancel()
+
+    # ---- consumer ------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            # Requests that reached the server in the same instant are still being parsed:
+            # let them enqueue before the batch is cut.
+            await asyncio.sleep(0)
+            await self._wait_for_company()
+            batch = self._take()
+            if not batch:
+                continue
+            self._expected = len(batch)
+            try:
+                await self._run(batch)
+                self._last_done = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # never let the consumer die with callers waiting
+                log.exception("batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+
+    async def _wait_for_company(self) -> None:
+        """Under load, give the queue up to max_wait_s to refill to the previous call's size."""
+        settings = self.settings
+        if self._queue[0].enqueued - self._last_done > IDLE_RESET_S:
+            self._expected = 1  # the burst that set it is over
+        if self._expected <= 1 or settings.max_wait_s <= 0 or settings.max_batch_size <= 1:
+            return
+        deadline = self._queue[0].enqueued + settings.max_wait_s
+        while len(self._queue) < self._expected and not self._full():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _full(self) -> bool:
+        """Whether the jobs sharing the oldest job's key already fill one call."""
+        first = self._queue[0]
+        items = tokens = 0
+        for job in self._queue:
+            if job.key == first.key:
+                items += len(job.items)
+                tokens += job.tokens
+        return items >= self.settings.max_batch_size or tokens >= self.settings.max_tokens
+
+    def _take(self) -> list[_Job]:
+        """The oldest live job, plus later jobs with its key while the call stays within limits."""
+        while self._queue and self._queue[0].future.done():  # caller gone (disconnected)
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        first = self._queue.popleft()
+        batch = [first]
+        items, tokens = len(first.items), first.tokens
+        kept: deque[_Job] = deque()
+        blocked = False  # FIFO per key: once a same-key job does not fit, later ones wait too
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():
+                continue
+            if (not blocked and job.key == first.key and items + len(job.items) <= self.settings.max_batch_size
+                    and tokens + job.tokens <= self.settings.max_tokens):
+                batch.append(job)
+                items += len(job.items)
+                tokens += job.tokens
+            else:
+                blocked = blocked or job.key == first.key
+                kept.append(job)
+        self._queue = kept
+        return batch
+
+    async def _run(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        texts = [text for job in batch for text in job.items]
+        key = batch[0].key
+        try:
+            results, total_tokens, per_item = await loop.run_in_executor(self.executor, self.run_batch, key, texts)
+        except Exception as exc:
+            if len(batch) > 1:
+                # One caller's bad input (too long for the context...) must not fail the others:
+                # run each alone, so every caller gets its own answer or its own error.
+                for job in batch:
+                    await self._run([job])
+                return
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return
+        if len(results) != len(texts):
+            error = RuntimeError(f"engine returned {len(results)} results for {len(texts)} inputs")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        self._record(batch, len(texts))
+        shares = _token_shares(batch, total_tokens, per_item)
+        start = 0
+        for job, tokens in zip(batch, shares):
+            end = start + len(job.items)
+            if not job.future.done():
+                job.future.set_result(BatchResult(items=list(results[start:end]), prompt_tokens=tokens,
+                                                  batch_items=len(texts), batch_requests=len(batch)))
+            start = end
+
+    def _record(self, batch: list[_Job], items: int) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.requests += len(batch)
+        stats.items += items
+        stats.largest_batch = max(stats.largest_batch, items)
+        stats.most_requests = max(stats.most_requests, len(batch))
+        stats.requests_per_batch[len(batch)] += 1
+
+
+def _token_shares(batch: list[_Job], total: int, per_item: Optional[Sequence[int]]) -> list[int]:
+    """Each caller's prompt tokens: exact where the engine counts per item, else the total split
+    by the estimate (largest remainder, so the shares add up to the engine's total)."""
+    if len(batch) == 1:
+        return [int(total)]
+    if per_item is not None and len(per_item) == sum(len(job.items) for job in batch):
+        shares, start = [], 0
+        for job in batch:
+            shares.append(int(sum(per_item[start:start + len(job.items)])))
+            start += len(job.items)
+        return shares
+    weights = [max(1, job.tokens) for job in batch]
+    whole = sum(weights)
+    raw = [total * w / whole for w in weights]
+    shares = [int(r) for r in raw]
+    by_remainder = sorted(range(len(batch)), key=lambda i: raw[i] - shares[i], reverse=True)
+    for i in by_remainder[:int(total) - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+# ---- engine adapters ----------------------------------------------------------------------
+
+def embedding_batcher(engine: EmbeddingEngine, spec: ModelSpec, executor: Executor) -> DynamicBatcher:
+    """Key: (is_query, instruction), the arguments that change how a text is embedded."""
+
+    def run(key: Hashable, texts: list[str]):
+        is_query, instruction = key  # type: ignore[misc]
+        output: EmbeddingOutput = engine.embed(texts, is_query=is_query, instruction=instruction)
+        return output.vectors, output.prompt_tokens, getattr(output, "token_counts", None)
+
+    return DynamicBatcher(run, executor, BatchSettings.for_engine(spec, engine),
+                          item_tokens=lambda key, text: estimate_tokens(text))
+
+
+def rerank_batcher(engine: RerankEngine, spec: ModelSpec, executor: Executor) -> DynamicBatcher:
+    """Key: (query, instruction); the documents of callers with the same query share one call."""
+
+    def run(key: Hashable, documents: list[str]):
+        query, instruction = key  # type: ignore[misc]
+        output: RerankOutput = engine.rerank(query, documents, instruction=instruction)
+        return output.scores, output.prompt_tokens, getattr(output, "token_counts", None)
+
+    return DynamicBatcher(run, executor, BatchSettings.for_engine(spec, engine),
+                          item_tokens=lambda key, doc: estimate_tokens(key[0]) + estimate_tokens(doc))  # type: ignore[index]
