@@ -69,6 +69,7 @@ class Home:
             "RAGSERVE_HOME": str(self.root),
             "HF_HOME": str(self.cache / "huggingface"),
             "MODELSCOPE_CACHE": str(self.cache / "modelscope"),
+            "MODELSCOPE_HOME": str(self.cache / "modelscope-home"),
             "SENTENCE_TRANSFORMERS_HOME": str(self.cache / "sentence_transformers"),
             "TORCH_HOME": str(self.cache / "torch"),
         }

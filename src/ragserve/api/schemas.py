@@ -129,6 +129,8 @@ class EmbeddingRequest(_Request):
     # `input_type` follows Cohere/Jina/NVIDIA naming; `is_query` is accepted as a boolean alias.
     input_type: Optional[Literal["query", "document", "search_query", "search_document", "passage"]] = None
     is_query: Optional[bool] = None
+    # Xinference passes sentence-transformers' prompt_name ("query" / "document").
+    prompt_name: Optional[Literal["query", "document", "passage"]] = None
     instruction: Optional[str] = None
 
     @field_validator("input")
@@ -154,6 +156,8 @@ class EmbeddingRequest(_Request):
     def wants_query(self) -> bool:
         if self.is_query is not None:
             return self.is_query
+        if self.prompt_name is not None:
+            return self.prompt_name == "query"
         return self.input_type in ("query", "search_query")
 
 

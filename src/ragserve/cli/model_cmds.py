@@ -64,6 +64,8 @@ def launch(
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Context length (tokens)."),
     n_parallel: Optional[int] = typer.Option(None, "--n-parallel", help="Parallel sequences (llama.cpp slots)."),
     source: Optional[str] = typer.Option(None, "--source", help="Hub for a hub ID: modelscope or huggingface."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) to pull."),
+    gguf_file: Optional[str] = typer.Option(None, "--file", help="Exact .gguf file to pull from a GGUF repo."),
     force: bool = typer.Option(False, "--force", help="Launch even if the memory estimate says it will not fit."),
     endpoint: Optional[str] = EndpointOption,
     api_key: Optional[str] = ApiKeyOption,
@@ -85,7 +87,8 @@ def launch(
             looks_like_hub_id = None  # type: ignore[assignment]
         if looks_like_hub_id and looks_like_hub_id(model_path):
             try:
-                model_path = str(pull_model(model_path, home, source=source, quant=quantization))
+                model_path = str(pull_model(model_path, home, source=source, revision=revision,
+                                            quant=quantization, filename=gguf_file))
             except HubError as exc:
                 fail(str(exc))
     with client_from(home, endpoint, api_key) as client:

@@ -67,7 +67,7 @@ SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
 LLAMA_CHAT_CTX = 4096
 LLAMA_EMBED_CTX = 8192
 TORCH_MAX_LENGTH = 8192
-LLAMA_RERANK_PARALLEL = 4
+LLAMA_RERANK_PARALLEL = 1  # one sequence at a time: scores do not depend on neighbours
 
 # Qwen3 sizes (nominal -> parameters in billions, layers, hidden, intermediate), for planning before
 # the files are pulled and for "a smaller size fits" advice. KV heads 8 and head dim 128 for all.

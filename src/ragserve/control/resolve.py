@@ -120,8 +120,8 @@ def _check_type_fits_folder(model_type: ModelType, kind: dict[str, Any], path: P
 def choose_engine(model_type: ModelType, model_format: str, kind: dict[str, Any]) -> str:
     if model_format == "gguf":
         return "llama.cpp"
-    if kind.get("family", "") and str(kind.get("family")).startswith("qwen3"):
-        return "transformers"
+    if kind.get("family") in ("qwen3-embedding", "qwen3-reranker"):
+        return "transformers"  # their pooling / yes-no rules live in the transformers engine
     if model_type in (ModelType.EMBEDDING, ModelType.RERANK) and (kind["sentence_transformers"]
                                                                    or kind["sequence_classification"]):
         return "sentence_transformers"

@@ -50,6 +50,7 @@ def _read_gguf_metadata(path: str) -> dict[str, Any]:
         "has_classifier": any(name.startswith("cls.") for name in tensors),
         "classifier_outputs": (cls_shape[1] if cls_shape and len(cls_shape) > 1 else 1) if cls_shape else None,
         "has_chat_template": "tokenizer.chat_template" in fields,
+        "has_rerank_template": "tokenizer.chat_template.rerank" in fields,
         "token_ids": {tok: i for i, tok in enumerate(tokens) if tok in ("yes", "no", "Ġyes", "Ġno")},
     }
 
@@ -74,6 +75,21 @@ def _server(spec: ModelSpec, *, n_ctx: int, n_parallel: int, embedding: bool = F
     # Keep <think> in the text: the worker splits reasoning the same way for every engine.
     params.reasoning_format = xlc.common_reasoning_format.COMMON_REASONING_FORMAT_NONE
     params.verbosity = int(spec.options.get("llama_verbosity", -1))
+    # Exactness knobs: llama.cpp's defaults (flash attention, f16 KV cache) move scores by ~5e-4;
+    # flash_attn=off with an f32 cache reproduces a reference computation to ~1e-7.
+    flash = spec.options.get("flash_attn")
+    if flash is not None:
+        mode = {"on": "ENABLED", "true": "ENABLED", "1": "ENABLED", "off": "DISABLED", "false": "DISABLED",
+                "0": "DISABLED", "auto": "AUTO"}.get(str(flash).strip().lower())
+        if mode is None:
+            raise EngineError(f"flash_attn {flash!r} is unknown: use on, off or auto")
+        params.flash_attn_type = getattr(xlc.llama_flash_attn_type, f"LLAMA_FLASH_ATTN_TYPE_{mode}")
+    for key in ("cache_type_k", "cache_type_v"):
+        if spec.options.get(key):
+            name = f"GGML_TYPE_{str(spec.options[key]).strip().upper()}"
+            if not hasattr(xlc.ggml_type, name):
+                raise EngineError(f"{key} {spec.options[key]!r} is unknown: use f32, f16, bf16, q8_0 ...")
+            setattr(params, key, getattr(xlc.ggml_type, name))
     params.warmup = False
     if embedding:
         params.embedding = True
@@ -185,7 +201,7 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
     def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
         super().__init__(spec)
         self.metadata = metadata
-        self.family = qwen3.gguf_family(metadata) if hasattr(qwen3, "gguf_family") else _family(metadata)
+        self.family = qwen3.gguf_family(metadata)
         self.supports_dimensions = self.family == "qwen3-embedding"
         trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
         self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))
@@ -213,16 +229,6 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
             texts = [qwen3.embedding_query_text(t, task) for t in texts]
         vectors, tokens = self._embed_raw(texts)
         return EmbeddingOutput(vectors=vectors, prompt_tokens=tokens)
-
-
-def _family(metadata: dict[str, Any]) -> Optional[str]:
-    name = str(metadata.get("name") or "").lower()
-    if str(metadata.get("architecture")).startswith("qwen3"):
-        if "embed" in name:
-            return "qwen3-embedding"
-        if "rerank" in name:
-            return "qwen3-reranker"
-    return None
 
 
 class LlamaRerankEngine(RerankEngine):
@@ -256,10 +262,13 @@ class LlamaRerankEngine(RerankEngine):
             self.pool = ThreadPoolExecutor(max_workers=self.n_parallel, thread_name_prefix="rerank")
 
     def _detect_mode(self) -> str:
-        detect = getattr(qwen3, "gguf_rerank_mode", None)
-        if detect is not None:
-            return detect(self.spec.model_path)
-        return "rank" if self.metadata.get("has_classifier") else "yes_no"
+        mode = qwen3.gguf_rerank_mode(self.spec.model_path)
+        if (mode == "rank" and qwen3.gguf_family(self.metadata) == "qwen3-reranker"
+                and not self.metadata.get("has_rerank_template")):
+            # Without the converter's "rerank" template llama.cpp would fill a generic query/document
+            # format, which is not the Qwen3 judging prompt: score by the yes/no rule instead.
+            return "yes_no"
+        return mode
 
     def describe(self) -> dict[str, Any]:
         return {"rerank_mode": self.mode, "context_length": self.n_ctx,
@@ -268,6 +277,10 @@ class LlamaRerankEngine(RerankEngine):
     def rerank(self, query: str, documents: Sequence[str], *,
                instruction: Optional[str] = None) -> RerankOutput:
         if self.mode == "rank":
+            if instruction:
+                raise EngineInputError("this reranker scores with its classifier head and the instruction built "
+                                       "into its GGUF template; leave `instruction` out, or launch it with "
+                                       "--rerank_mode yes_no to use custom instructions")
             return self._rank(query, documents)
         instruction = instruction or self.spec.options.get("rerank_instruction")
         results = list(self.pool.map(lambda doc: self._yes_no(query, doc, instruction), documents))

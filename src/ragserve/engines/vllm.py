@@ -213,7 +213,9 @@ class VllmServer:
     def __init__(self, spec: ModelSpec, family: Optional[str]):
         self.spec = spec
         self.port = _free_port()
-        self.api_key = secrets.token_urlsafe(24)  # other users on a shared GPU server must not use it
+        # Other users on a shared GPU server must not reach the model; hex, since a leading "-" would
+        # read as a flag to argparse.
+        self.api_key = secrets.token_hex(24)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.closing = False

@@ -106,7 +106,6 @@ def _still_verified(dest: Path, remote: RemoteFile, entry: dict | None) -> bool:
 
 
 def _verify(dest: Path, files: list[RemoteFile]) -> list[str]:
-    return []
     problems = []
     for remote in files:
         path = dest / remote.path
