@@ -34,7 +34,7 @@ ENGINES: dict[str, EngineInfo] = {
     info.name: info
     for info in (
         EngineInfo("llama.cpp", "ragserve.engines.llama_cpp",
-                   frozenset(ModelType), frozenset({"gguf"}), ("xllamacpp", "gguf"), "llama"),
+                   frozenset(ModelType), frozenset({"gguf"}), ("xllamacpp",), "llama"),
         EngineInfo("sentence_transformers", "ragserve.engines.sentence_transformers",
                    frozenset({ModelType.EMBEDDING, ModelType.RERANK}), frozenset({"safetensors", "pytorch"}),
                    ("sentence_transformers", "torch"), "st"),
