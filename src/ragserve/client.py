@@ -61,7 +61,8 @@ class RagserveClient:
             try:
                 message = response.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
-                message = response.text
+                text = " ".join(response.text.split())
+                message = text if len(text) <= 200 else text[:200] + " ..."
             raise ServerError(f"{response.status_code}: {message}", response.status_code)
         return response.json() if response.content else None
 

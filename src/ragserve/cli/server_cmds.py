@@ -81,6 +81,8 @@ def _setup_logging(home: Home, level: str) -> None:
     handlers.append(file_handler)
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=handlers, force=True,
                         format="%(message)s")
+    # httpx logs every call the gateway makes to its workers; the access log already has one line per request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def serve(

@@ -190,7 +190,11 @@ def server_args(spec: ModelSpec, *, port: int, api_key: str, style: str, family:
 
 def _launch_hint(log_tail: str) -> str:
     text = log_tail.lower()
-    if "out of memory" in text or "outofmemory" in text or "kv cache" in text or "no available memory" in text:
+    # Matched on vLLM's failure messages only: its normal start-up log talks about the KV cache too.
+    memory_errors = ("out of memory", "outofmemoryerror", "larger than the available kv cache memory",
+                     "larger than the maximum number of tokens that can be stored in kv cache",
+                     "no available memory for the cache blocks", "less than desired gpu memory utilization")
+    if any(marker in text for marker in memory_errors):
         return ("the GPU ran out of memory: launch with a smaller --n-ctx (vLLM's max_model_len), a lower "
                 "options.gpu_memory_utilization if other processes use this GPU, options.tensor_parallel_size "
                 "to split across GPUs, or a smaller or quantized (AWQ/GPTQ/FP8) model")
@@ -219,7 +223,9 @@ class VllmServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.closing = False
-        args = server_args(spec, port=self.port, api_key=self.api_key, style=pooling_flag_style(), family=family)
+        # Only pooling models need the version-dependent flags (and a possible --help probe).
+        style = pooling_flag_style() if spec.model_type != ModelType.LLM else "runner"
+        args = server_args(spec, port=self.port, api_key=self.api_key, style=style, family=family)
         env = {**os.environ, "RAGSERVE_VLLM_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         home = os.environ.get("RAGSERVE_HOME")
         if home:  # keep vLLM's compile and config caches in the home, not in ~/.cache
@@ -235,7 +241,9 @@ class VllmServer:
             raise EngineError(f"could not start vLLM ({exc})") from exc
         threading.Thread(target=self._pump_log, daemon=True, name="vllm-log").start()
         self.http = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
-                                 timeout=httpx.Timeout(float(spec.options.get("request_timeout", 600)), connect=10))
+                                 timeout=httpx.Timeout(float(spec.options.get("request_timeout", 600)), connect=10),
+                                 # one connection per concurrent stream: vLLM, not the pool, decides the batch
+                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         atexit.register(self.stop)
 
     def _pump_log(self) -> None:
@@ -410,8 +418,8 @@ class VllmChatEngine(_VllmEngine, LLMEngine):
                     if data == "[DONE]":
                         break
                     chunk = json.loads(data)
-                    if "error" in chunk:  # vLLM reports failures after the 200 in-band
-                        error = chunk["error"]
+                    if "error" in chunk or chunk.get("object") == "error":  # failures after the 200, in-band
+                        error = chunk.get("error", chunk)
                         raise EngineError(error.get("message", str(error)) if isinstance(error, dict) else str(error))
                     if chunk.get("usage"):
                         prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
