@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+# Defaults the engines use when the launch gives no n_ctx.
+from ragserve.engines.defaults import LLAMA_CHAT_CTX, LLAMA_EMBED_CTX, LLAMA_RERANK_PARALLEL, TORCH_MAX_LENGTH
 from ragserve.control.spec import ModelSpec, ModelType
 
 log = logging.getLogger("ragserve.memory")
@@ -62,12 +64,6 @@ PACKED_QUANT_BPW: dict[str, float] = {
 }
 # Quantizations offered as alternatives, best quality first.
 SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
-
-# Defaults the engines use when the launch gives no n_ctx (kept in step with ragserve.engines).
-LLAMA_CHAT_CTX = 4096
-LLAMA_EMBED_CTX = 8192
-TORCH_MAX_LENGTH = 8192
-LLAMA_RERANK_PARALLEL = 1  # one sequence at a time: scores do not depend on neighbours
 
 # Qwen3 sizes (nominal -> parameters in billions, layers, hidden, intermediate), for planning before
 # the files are pulled and for "a smaller size fits" advice. KV heads 8 and head dim 128 for all.

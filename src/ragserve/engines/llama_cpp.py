@@ -25,8 +25,8 @@ from ragserve.engines import qwen3
 from ragserve.engines.base import (EmbeddingEngine, EmbeddingOutput, EngineError, EngineInputError,
                                    GenerationDelta, GenerationRequest, LLMEngine, RerankEngine, RerankOutput)
 
-DEFAULT_CHAT_CTX = 4096
-DEFAULT_EMBED_CTX = 8192
+from ragserve.engines.defaults import (LLAMA_CHAT_CTX as DEFAULT_CHAT_CTX, LLAMA_CHAT_PARALLEL,
+                                       LLAMA_EMBED_CTX as DEFAULT_EMBED_CTX, LLAMA_RERANK_PARALLEL)
 # Raising both candidate logits by the same constant leaves their softmax unchanged, and makes
 # them the only two tokens that survive top_k=2: their post-sampling probabilities are exactly
 # softmax(logit_yes, logit_no), whatever the rest of the vocabulary holds.
@@ -128,7 +128,7 @@ class LlamaChatEngine(LLMEngine):
     def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
         super().__init__(spec)
         self.metadata = metadata
-        self.max_concurrency = int(spec.n_parallel or spec.options.get("n_parallel") or 4)
+        self.max_concurrency = int(spec.n_parallel or spec.options.get("n_parallel") or LLAMA_CHAT_PARALLEL)
         trained = metadata.get("context_length") or DEFAULT_CHAT_CTX
         self.n_ctx = int(spec.n_ctx or min(int(trained), DEFAULT_CHAT_CTX))
         self.server = _server(spec, n_ctx=self.n_ctx, n_parallel=self.max_concurrency)
@@ -242,7 +242,7 @@ class LlamaRerankEngine(RerankEngine):
         # One sequence at a time and no prompt cache by default: with quantized weights, co-batching
         # or reusing a cached prefix shifts scores by up to 1e-2, so a document's score would depend
         # on its neighbours. n_parallel / cache_prompt options trade that for speed.
-        self.n_parallel = int(spec.n_parallel or spec.options.get("n_parallel") or 1)
+        self.n_parallel = int(spec.n_parallel or spec.options.get("n_parallel") or LLAMA_RERANK_PARALLEL)
         self.cache_prompt = bool(spec.options.get("cache_prompt", False))
         trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
         self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))

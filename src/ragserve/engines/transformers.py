@@ -38,7 +38,7 @@ from ragserve.engines.base import (
 )
 
 DEFAULT_THREADS = 2
-DEFAULT_MAX_LENGTH = 8192
+from ragserve.engines.defaults import TORCH_MAX_LENGTH as DEFAULT_MAX_LENGTH
 
 
 def load(spec: ModelSpec) -> Engine:
