@@ -55,6 +55,10 @@ def wait_for_state(server, uid: str, wanted: set[str], timeout: float = 120) -> 
     raise AssertionError(f"{uid} did not reach {wanted}: {describe(server, uid)}")
 
 
+def server_log(server) -> str:
+    return (server.home / "logs" / "server.log").read_text()
+
+
 def complete(server, uid: str, max_tokens: int, timeout: float = 300) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/completions", timeout=timeout,
                       json={"model": uid, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0})
@@ -96,9 +100,9 @@ def test_kill_9_fails_the_request_fast_restarts_with_backoff_and_spares_other_mo
     assert complete(server, "bystander", 4).status_code == 200
     assert worker_pid(server, "bystander") == bystander_pid
 
-    described = wait_for_state(server, "victim", {"restarting", "loading"})
-    assert "SIGKILL" in described["error"] and "restarting in 0.5 s" in described["error"]
     described = wait_for_state(server, "victim", {"ready"})
+    assert "worker for victim was killed by SIGKILL" in server_log(server)
+    assert "restart 1 in 0.5 s" in server_log(server)
     assert described["restarts"] == 1
     second_pid = worker_pid(server, "victim")
     assert second_pid != victim_pid
@@ -119,9 +123,11 @@ def test_kill_9_fails_the_request_fast_restarts_with_backoff_and_spares_other_mo
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["error"]["code"] == "worker_unavailable" and "SIGKILL" in last["error"]["message"]
-    described = wait_for_state(server, "victim", {"restarting", "loading"})
-    assert "restarting in 1.0 s" in described["error"]
-    described = wait_for_state(server, "victim", {"ready"})
+    deadline = time.monotonic() + 120
+    while not ((described := describe(server, "victim"))["restarts"] == 2 and described["state"] == "ready"):
+        assert time.monotonic() < deadline, described
+        time.sleep(0.05)
+    assert "restart 2 in 1.0 s" in server_log(server)
     assert described["restarts"] == 2
     assert worker_pid(server, "bystander") == bystander_pid
 
@@ -175,7 +181,7 @@ def test_full_worker_queue_answers_429_with_retry_after(own_server):
     # One generation at a time, one more may wait (Xinference's `request_limits` sets the queue bound).
     launch_gguf(server, "narrow", n_parallel=1, request_limits=1)
     with ThreadPoolExecutor(max_workers=5) as pool:
-        responses = list(pool.map(lambda _: complete(server, "narrow", 48), range(5)))
+        responses = list(pool.map(lambda _: complete(server, "narrow", 32), range(5)))
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
@@ -189,16 +195,18 @@ def test_gateway_refuses_requests_beyond_its_in_flight_limit(home):
     server = start_server(home, env={"RAGSERVE_MAX_IN_FLIGHT": "1"})
     try:
         launch_gguf(server, "busy")
-        result: dict = {}
-        sender = threading.Thread(target=lambda: result.update(response=complete(server, "busy", 400)))
-        sender.start()
-        time.sleep(1.0)
-        refused = httpx.get(f"{server.url}/v1/models")
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_overloaded"
-        assert refused.headers["retry-after"] == "1"
-        assert httpx.get(f"{server.url}/health").status_code == 200  # probes are never refused
-        sender.join()
-        assert result["response"].status_code == 200
-        assert httpx.get(f"{server.url}/v1/models").status_code == 200
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
+                          json={"model": "busy", "prompt": COUNTING, "max_tokens": 4000, "stream": True}) as stream:
+            next(stream.iter_lines())  # the stream is running: the one request the gateway takes
+            refused = httpx.get(f"{server.url}/v1/models")
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_overloaded"
+            assert refused.headers["retry-after"] == "1"
+            assert httpx.get(f"{server.url}/health").status_code == 200  # probes are never refused
+        # The client hung up: its slot is freed (the gateway notices the disconnect and cancels the relay).
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/v1/models").status_code != 200:
+            assert time.monotonic() < deadline, "the slot of a disconnected stream was not freed"
+            time.sleep(0.1)
+        assert complete(server, "busy", 2).status_code == 200
     finally:
         stop_server(server.process)
