@@ -112,7 +112,8 @@ def test_kill_9_fails_the_request_fast_restarts_with_backoff_and_spares_other_mo
     # waits twice as long (backoff).
     events = []
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
-                      json={"model": "victim", "prompt": COUNTING, "max_tokens": 4000, "stream": True}) as stream:
+                      json={"model": "victim", "prompt": COUNTING, "max_tokens": 4000, "temperature": 0,
+                            "stream": True}) as stream:
         assert stream.status_code == 200
         for line in stream.iter_lines():
             if not line.startswith("data: "):
@@ -161,7 +162,7 @@ def test_graceful_shutdown_drains_a_request_in_flight(own_server):
     pid = worker_pid(server, "drained")
     events = []
     with httpx.stream("POST", f"{server.url}/v1/completions", timeout=300,
-                      json={"model": "drained", "prompt": COUNTING, "max_tokens": 40, "temperature": 0,
+                      json={"model": "drained", "prompt": COUNTING, "max_tokens": 12, "temperature": 0,
                             "stream": True}) as stream:
         for line in stream.iter_lines():
             if line.startswith("data: "):
@@ -196,8 +197,10 @@ def test_gateway_refuses_requests_beyond_its_in_flight_limit(home):
     try:
         launch_gguf(server, "busy")
         with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
-                          json={"model": "busy", "prompt": COUNTING, "max_tokens": 4000, "stream": True}) as stream:
-            next(stream.iter_lines())  # the stream is running: the one request the gateway takes
+                          json={"model": "busy", "prompt": COUNTING, "max_tokens": 4000, "temperature": 0,
+                            "stream": True}) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator would close the stream
+            next(lines)  # the stream is running: the one request the gateway takes
             refused = httpx.get(f"{server.url}/v1/models")
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_overloaded"
             assert refused.headers["retry-after"] == "1"
