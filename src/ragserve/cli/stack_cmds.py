@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.panel import Panel
@@ -23,8 +23,10 @@ from rich.table import Table
 from ragserve.cli.common import HomeOption, console, err_console, fail, home_from
 from ragserve.client import RagserveClient, ServerError
 from ragserve.control.spec import ModelSpec, ModelType
-from ragserve.control.stack import LoadedStack, StackError, StackModel, load_stack, shipped_stacks
 from ragserve.settings import Home
+
+if TYPE_CHECKING:  # the stack schema is imported only by the commands that read a stack file
+    from ragserve.control.stack import LoadedStack, StackModel
 
 UP_HELP = """Deploy the models of a stack file and print the settings for RAGFlow / Dify.
 
@@ -139,6 +141,7 @@ def _line_of(loaded: LoadedStack, index: int, key: Optional[str] = None) -> str:
 
 def _resolve_files(loaded: LoadedStack, home: Home, *, pull: bool) -> tuple[list[Optional[str]], list[str]]:
     """Each model's local path (pulling hub models when `pull`), and the problems found."""
+    from ragserve.control.stack import StackError
     paths: list[Optional[str]] = []
     problems: list[str] = []
     for index, model in enumerate(loaded.models):
@@ -279,6 +282,7 @@ def up(
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds to wait for all models to be ready."),
     home_opt: Optional[str] = HomeOption,
 ) -> None:
+    from ragserve.control.stack import StackError, load_stack
     from ragserve.control import memory
 
     home = home_from(home_opt)
@@ -441,6 +445,7 @@ def down(
     home_opt: Optional[str] = HomeOption,
 ) -> None:
     """Terminate the stack's models; stop the server too if `ragserve up` started it and nothing else runs."""
+    from ragserve.control.stack import StackError, load_stack
     home = home_from(home_opt)
     try:
         loaded = load_stack(file)
@@ -486,6 +491,7 @@ def down(
 
 
 def register(app: typer.Typer) -> None:
-    names = ", ".join(sorted(shipped_stacks())) or "none"
+    # Listed without importing the stack schema, to keep every command's start fast.
+    names = ", ".join(sorted(p.stem for p in (Path(__file__).parent.parent / "stacks").glob("*.yaml"))) or "none"
     app.command("up", help=UP_HELP + f"\nShipped stacks: {names}.")(up)
     app.command("down")(down)
