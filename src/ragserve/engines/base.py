@@ -52,12 +52,15 @@ class GenerationDelta:
 class EmbeddingOutput:
     vectors: list[list[float]]
     prompt_tokens: int
+    # Tokens per text, where the engine knows them: exact usage for each caller of a merged batch.
+    token_counts: list[int] | None = None
 
 
 @dataclass
 class RerankOutput:
     scores: list[float]  # one per document, in input order
     prompt_tokens: int
+    token_counts: list[int] | None = None  # per document, where the engine knows them
 
 
 class Engine(ABC):

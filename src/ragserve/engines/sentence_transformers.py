@@ -23,9 +23,9 @@ def _device(spec: ModelSpec) -> str:
     return spec.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _token_count(tokenizer: Any, texts: Sequence[str], max_length: Optional[int]) -> int:
+def _token_counts(tokenizer: Any, texts: Sequence[str], max_length: Optional[int]) -> list[int]:
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    return sum(len(ids) for ids in encoded)
+    return [len(ids) for ids in encoded]
 
 
 class SentenceTransformerEmbedding(EmbeddingEngine):
@@ -64,8 +64,8 @@ class SentenceTransformerEmbedding(EmbeddingEngine):
         vectors = self.model.encode(list(texts), batch_size=self.max_batch_size, convert_to_numpy=True,
                                     show_progress_bar=False, **kwargs)
         prefix = kwargs.get("prompt") or self.prompts.get(kwargs.get("prompt_name", ""), "")
-        tokens = _token_count(self.model.tokenizer, [prefix + t for t in texts], self.model.max_seq_length)
-        return EmbeddingOutput(vectors=vectors.tolist(), prompt_tokens=tokens)
+        counts = _token_counts(self.model.tokenizer, [prefix + t for t in texts], self.model.max_seq_length)
+        return EmbeddingOutput(vectors=vectors.tolist(), prompt_tokens=sum(counts), token_counts=counts)
 
 
 class CrossEncoderRerank(RerankEngine):
@@ -95,7 +95,8 @@ class CrossEncoderRerank(RerankEngine):
             scores = scores[:, -1]
         encoded = self.model.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
                                        max_length=self.model.max_length)["input_ids"]
-        return RerankOutput(scores=[float(s) for s in scores], prompt_tokens=sum(len(ids) for ids in encoded))
+        counts = [len(ids) for ids in encoded]
+        return RerankOutput(scores=[float(s) for s in scores], prompt_tokens=sum(counts), token_counts=counts)
 
 
 def load(spec: ModelSpec):

@@ -148,7 +148,8 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     async def health() -> dict[str, Any]:
         info = runtime.engine.describe() if runtime.engine else {}
         return {"state": runtime.state.value, "error": runtime.error, "pid": os.getpid(),
-                "loaded_in_s": runtime.loaded_in_s, "waiting": runtime.waiting, "info": info}
+                "loaded_in_s": runtime.loaded_in_s, "waiting": runtime.waiting, "info": info,
+                "batching": batcher.describe() if (batcher := getattr(app.state, "batcher", None)) else None}
 
     async def run_generation(body, chat: bool):
         engine: LLMEngine = runtime.require(LLMEngine)
