@@ -91,6 +91,9 @@ def _server(spec: ModelSpec, *, n_ctx: int, n_parallel: int, embedding: bool = F
                 raise EngineError(f"{key} {spec.options[key]!r} is unknown: use f32, f16, bf16, q8_0 ...")
             setattr(params, key, getattr(xlc.ggml_type, name))
     params.warmup = False
+    # No context shifting: a request without max_tokens ends when the context is full (finish_reason
+    # "length") instead of generating forever.
+    params.ctx_shift = False
     if embedding:
         params.embedding = True
         params.n_batch = params.n_ubatch = n_ctx  # embeddings must fit one ubatch
@@ -163,10 +166,15 @@ class LlamaChatEngine(LLMEngine):
                    else self.server.handle_completions)
         pieces: queue.Queue = queue.Queue()
         done = object()
+        cancelled = threading.Event()
+
+        def on_chunk(chunk: dict[str, Any]) -> Optional[bool]:
+            pieces.put(chunk)
+            return True if cancelled.is_set() else None  # True tells llama.cpp to stop this sequence
 
         def run() -> None:
             try:
-                result = handler(payload, pieces.put)
+                result = handler(payload, on_chunk)
                 if isinstance(result, dict) and "error" in result:
                     pieces.put(result)
             except Exception as exc:  # surfaced in the consumer
@@ -177,22 +185,26 @@ class LlamaChatEngine(LLMEngine):
         threading.Thread(target=run, daemon=True, name="llama-generate").start()
         finish_reason = None
         prompt_tokens = completion_tokens = None
-        while True:
-            item = pieces.get()
-            if item is done:
-                break
-            if isinstance(item, Exception):
-                raise EngineError(f"llama.cpp generation failed: {item}")
-            _raise_on_error(item)
-            if item.get("usage"):
-                prompt_tokens = item["usage"].get("prompt_tokens")
-                completion_tokens = item["usage"].get("completion_tokens")
-            for choice in item.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-                if text:
-                    yield GenerationDelta(text=text)
+        try:
+            while True:
+                item = pieces.get()
+                if item is done:
+                    break
+                if isinstance(item, Exception):
+                    raise EngineError(f"llama.cpp generation failed: {item}")
+                _raise_on_error(item)
+                if item.get("usage"):
+                    prompt_tokens = item["usage"].get("prompt_tokens")
+                    completion_tokens = item["usage"].get("completion_tokens")
+                for choice in item.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                    if text:
+                        yield GenerationDelta(text=text)
+        finally:
+            # Closed early (client gone): stop generating at the next token instead of running on.
+            cancelled.set()
         yield GenerationDelta(finish_reason=finish_reason or "stop", prompt_tokens=prompt_tokens,
                               completion_tokens=completion_tokens)
 

@@ -12,11 +12,11 @@ import numpy as np
 from ragserve.engines.base import GenerationDelta
 
 
-def _reasoning_splitter():
+def _reasoning_splitter(start_in_reasoning: bool = False):
     """Splits Qwen3-style <think>...</think> output into reasoning and content."""
     from ragserve.engines.reasoning import ReasoningSplitter
 
-    return ReasoningSplitter()
+    return ReasoningSplitter(start_in_reasoning=start_in_reasoning)
 
 
 def new_id(prefix: str) -> str:
@@ -43,10 +43,11 @@ class _Collected:
             self.completion_tokens = delta.completion_tokens
 
 
-def chat_completion(model: str, deltas: Iterable[GenerationDelta], split_reasoning: bool) -> dict[str, Any]:
+def chat_completion(model: str, deltas: Iterable[GenerationDelta], split_reasoning: bool,
+                    start_in_reasoning: bool = False) -> dict[str, Any]:
     collected = _Collected()
     content, reasoning = [], []
-    splitter = _reasoning_splitter() if split_reasoning else None
+    splitter = _reasoning_splitter(start_in_reasoning) if split_reasoning else None
     for delta in deltas:
         collected.note(delta)
         if splitter:
@@ -74,7 +75,7 @@ def chat_completion(model: str, deltas: Iterable[GenerationDelta], split_reasoni
 
 
 def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_reasoning: bool,
-                           include_usage: bool) -> Iterator[dict[str, Any]]:
+                           include_usage: bool, start_in_reasoning: bool = False) -> Iterator[dict[str, Any]]:
     """OpenAI stream chunks: a role chunk, one chunk per text piece, a finish chunk, optional usage."""
     chunk_id, created = new_id("chatcmpl"), int(time.time())
 
@@ -87,7 +88,7 @@ def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_
 
     yield chunk({"role": "assistant", "content": ""})
     collected = _Collected()
-    splitter = _reasoning_splitter() if split_reasoning else None
+    splitter = _reasoning_splitter(start_in_reasoning) if split_reasoning else None
     for delta in deltas:
         collected.note(delta)
         if not delta.text:

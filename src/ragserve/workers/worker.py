@@ -158,6 +158,9 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         if runtime.llm_slots is None:
             runtime.llm_slots = asyncio.Semaphore(max(1, engine.max_concurrency))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # Some chat templates open <think> in the prompt; the output then starts inside reasoning.
+        opens_reasoning = getattr(engine, "opens_reasoning", None)
+        in_reasoning = bool(chat and opens_reasoning and opens_reasoning(request))
         runtime.waiting += 1
         try:
             await runtime.llm_slots.acquire()
@@ -168,7 +171,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
                 try:
                     if chat:
                         make = lambda: openai_format.chat_completion_chunks(  # noqa: E731
-                            body.model, engine.generate(request), split_reasoning, include_usage)
+                            body.model, engine.generate(request), split_reasoning, include_usage, in_reasoning)
                     else:
                         make = lambda: openai_format.text_completion_chunks(  # noqa: E731
                             body.model, engine.generate(request), include_usage)
@@ -180,7 +183,8 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         try:
             loop = asyncio.get_running_loop()
             if chat:
-                work = lambda: openai_format.chat_completion(body.model, engine.generate(request), split_reasoning)  # noqa: E731
+                work = lambda: openai_format.chat_completion(  # noqa: E731
+                    body.model, engine.generate(request), split_reasoning, in_reasoning)
             else:
                 work = lambda: openai_format.text_completion(body.model, engine.generate(request))  # noqa: E731
             return await loop.run_in_executor(None, work)
