@@ -166,3 +166,19 @@ def test_terminate_frees_the_worker(server):
 def _worker_pid(server, uid: str) -> int:
     address = httpx.get(f"{server.url}/v1/models/{uid}").json()["address"]
     return httpx.get(f"{address}/health").json()["pid"]
+
+
+def test_abandoned_streams_stop_generating(server, chat_model):
+    # More abandoned long streams than the model has slots: if generation ran on for nobody, or a slot
+    # stayed taken, the request after them would wait for minutes instead of answering.
+    for _ in range(5):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json={
+                "model": chat_model, "max_tokens": 3000, "stream": True,
+                "messages": [{"role": "user", "content": "Tell me a very long story."}]}) as response:
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=45, json={
+        "model": chat_model, "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": QUESTION}]})
+    assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]

@@ -25,6 +25,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ragserve.api.auth import WORKER_TOKEN_ENV, WorkerTokenMiddleware
 from ragserve.api.errors import APIError, install_error_handlers
@@ -122,7 +123,7 @@ def _generation_request(body: ChatCompletionRequest | CompletionRequest) -> Gene
     return request
 
 
-def _sse(chunks):
+def _sse(chunks, on_close=None):
     async def stream():
         try:
             async for chunk in chunks:
@@ -136,7 +137,8 @@ def _sse(chunks):
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(on_close) if on_close else None)
 
 
 def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
@@ -167,6 +169,16 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         finally:
             runtime.waiting -= 1
         if body.stream:
+            released = False
+
+            def release_slot() -> None:
+                # Called when the stream ends and again after the response: a client that leaves
+                # before the first byte never runs the generator, and must not keep the slot.
+                nonlocal released
+                if not released:
+                    released = True
+                    runtime.llm_slots.release()
+
             async def chunks():
                 try:
                     if chat:
@@ -178,8 +190,8 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
                     async for chunk in iterate_in_thread(make):
                         yield chunk
                 finally:
-                    runtime.llm_slots.release()
-            return _sse(chunks())
+                    release_slot()
+            return _sse(chunks(), on_close=release_slot)
         try:
             loop = asyncio.get_running_loop()
             if chat:
