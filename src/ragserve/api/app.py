@@ -337,7 +337,7 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
         options = launch_options(body.options, body.model_extra or {})
         model_path = body.model_path
         if model_path and _is_hub_id(model_path):
-            model_path = await _pull(model_path, body)
+            model_path = await _pull(model_path, body, home)
         try:
             spec = await asyncio.to_thread(
                 build_spec, uid=body.model_uid, model_name=body.model_name, model_type=body.model_type,
@@ -408,15 +408,16 @@ def _is_hub_id(text: str) -> bool:
     return looks_like_hub_id(text)
 
 
-async def _pull(model_id: str, body: LaunchRequest) -> str:
+async def _pull(model_id: str, body: LaunchRequest, home: Home) -> str:
+    """Pull a hub ID into this server's own home (not the default one) before launching it."""
     from ragserve.hub import HubError, pull_model
-    from ragserve.settings import resolve_home
 
     try:
-        path = await asyncio.to_thread(pull_model, model_id, resolve_home(), source=body.source,
+        path = await asyncio.to_thread(pull_model, model_id, home, source=body.source,
                                        revision=body.revision, quant=body.quantization, progress=False)
     except HubError as exc:
-        raise APIError(400, str(exc), code="pull_failed", param="model_path") from exc
+        raise APIError(400, str(exc), code=getattr(exc, "kind", None) or "pull_failed", param="model_path") \
+            from exc
     return str(path)
 
 
