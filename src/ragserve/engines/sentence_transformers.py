@@ -40,7 +40,10 @@ class SentenceTransformerEmbedding(EmbeddingEngine):
         except Exception as exc:
             raise EngineError(f"sentence-transformers could not load {spec.model_path}: {exc}") from exc
         self.max_batch_size = int(spec.options.get("batch_size", 64))
-        dims = self.model.get_sentence_embedding_dimension()
+        # sentence-transformers renamed this; keep working on versions before and after the rename.
+        get_dimension = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension
+        dims = get_dimension()
         self._dimensions = int(dims)
         # Matryoshka models declare it in their card config; cutting others ruins them silently.
         self.supports_dimensions = bool(spec.options.get("matryoshka", False))
@@ -83,7 +86,11 @@ class CrossEncoderRerank(RerankEngine):
         self.max_batch_size = int(spec.options.get("batch_size", 32))
 
     def describe(self) -> dict[str, Any]:
-        return {"context_length": self.model.max_length, "num_labels": self.model.num_labels}
+        return {"context_length": self._max_length(), "num_labels": self.model.num_labels}
+
+    def _max_length(self) -> int | None:
+        # `max_length` became `max_seq_length` in sentence-transformers 6; read whichever exists.
+        return getattr(self.model, "max_seq_length", None) or getattr(self.model, "max_length", None)
 
     def rerank(self, query: str, documents: Sequence[str], *,
                instruction: Optional[str] = None) -> RerankOutput:
@@ -94,7 +101,7 @@ class CrossEncoderRerank(RerankEngine):
         if scores.ndim > 1:  # two-label heads: probability of the "relevant" label
             scores = scores[:, -1]
         encoded = self.model.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
-                                       max_length=self.model.max_length)["input_ids"]
+                                       max_length=self._max_length())["input_ids"]
         counts = [len(ids) for ids in encoded]
         return RerankOutput(scores=[float(s) for s in scores], prompt_tokens=sum(counts), token_counts=counts)
 
