@@ -282,15 +282,10 @@ def up(
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds to wait for all models to be ready."),
     home_opt: Optional[str] = HomeOption,
 ) -> None:
-    from ragserve.control.stack import StackError, load_stack
     from ragserve.control import memory
 
     home = home_from(home_opt)
-    try:
-        loaded = load_stack(file)
-    except StackError as exc:
-        fail(str(exc))
-        return
+    loaded = _load_or_fail(file)
     server = loaded.server
     host = host or server.host
     port = port or server.port
@@ -445,13 +440,8 @@ def down(
     home_opt: Optional[str] = HomeOption,
 ) -> None:
     """Terminate the stack's models; stop the server too if `ragserve up` started it and nothing else runs."""
-    from ragserve.control.stack import StackError, load_stack
     home = home_from(home_opt)
-    try:
-        loaded = load_stack(file)
-    except StackError as exc:
-        fail(str(exc))
-        return
+    loaded = _load_or_fail(file)
     state_path = _state_file(home, loaded.name)
     state = _read_state(state_path)
     url = state.get("endpoint") if not (host or port) else None
@@ -488,6 +478,17 @@ def down(
             console.print((done.stdout or done.stderr).strip())
     state_path.unlink(missing_ok=True)
     console.print(f"stack {loaded.name} is down")
+
+
+def _load_or_fail(file: str) -> "LoadedStack":
+    """Read and validate the stack file, or exit with its line-and-field error."""
+    from ragserve.control.stack import StackError, load_stack
+
+    try:
+        return load_stack(file)
+    except StackError as exc:
+        fail(str(exc))
+        raise  # fail() exits; this keeps type checkers honest
 
 
 def register(app: typer.Typer) -> None:
