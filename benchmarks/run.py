@@ -188,18 +188,26 @@ class Target:
         return len(texts) / (time.perf_counter() - started)
 
     def embed_concurrent(self, texts: list[str], clients: int) -> float:
+        """`clients` concurrent connections, each sending one sentence per request.
+
+        The load generator is aiohttp (the same for every server): on a 2-core machine an httpx
+        AsyncClient costs about 4 ms of CPU a request, which would be taken from the server measured.
+        """
+        import aiohttp
+
         async def main() -> float:
-            limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-            async with httpx.AsyncClient(base_url=self.url, timeout=300, limits=limits) as client:
+            connector = aiohttp.TCPConnector(limit=clients)
+            async with aiohttp.ClientSession(self.url, connector=connector,
+                                             timeout=aiohttp.ClientTimeout(total=300)) as client:
                 pending = list(reversed(texts))
 
                 async def worker():
                     while pending:
                         text = pending.pop()
-                        response = await client.post("/v1/embeddings", json={
-                            "model": self.embed_uid, "input": text, "encoding_format": self.encoding})
-                        response.raise_for_status()
-                        decode_embeddings(response.json())
+                        async with client.post("/v1/embeddings", json={
+                                "model": self.embed_uid, "input": text, "encoding_format": self.encoding}) as response:
+                            response.raise_for_status()
+                            decode_embeddings(json.loads(await response.read()))
 
                 started = time.perf_counter()
                 await asyncio.gather(*[worker() for _ in range(clients)])
@@ -216,33 +224,44 @@ class Target:
         return (time.perf_counter() - started) * 1000
 
     def chat_stream(self, max_tokens: int = CHAT_TOKENS) -> tuple[float, float, int]:
-        """(time to first token ms, decode tokens/s, tokens) for one streamed chat completion."""
+        """(time to first token ms, decode tokens/s, tokens) for one streamed chat completion.
+
+        Read with aiohttp, the same client for every server: its line reader costs about a tenth of a
+        millisecond a token here, httpx's about 0.4 ms, taken from the 2 cores the engine decodes on.
+        """
+        import aiohttp
+
         payload = {"model": self.chat_uid, "messages": [{"role": "user", "content": CHAT_PROMPT}],
                    "temperature": 0, "max_tokens": max_tokens, "stream": True,
                    "stream_options": {"include_usage": True}}
-        started = time.perf_counter()
-        first = last = None
-        pieces = 0
-        usage_tokens = None
-        with self.client.stream("POST", "/v1/chat/completions", json=payload) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                        pieces += 1
-        tokens = usage_tokens or pieces
-        if first is None or last is None:
-            raise RuntimeError("no content streamed")
-        rate = (tokens - 1) / (last - first) if last > first else float("nan")
-        return (first - started) * 1000, rate, tokens
+
+        async def main() -> tuple[float, float, int]:
+            first = last = None
+            pieces = 0
+            usage_tokens = None
+            async with aiohttp.ClientSession(self.url, timeout=aiohttp.ClientTimeout(total=300)) as client:
+                started = time.perf_counter()
+                async with client.post("/v1/chat/completions", json=payload) as response:
+                    response.raise_for_status()
+                    async for line in response.content:
+                        if not line.startswith(b"data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            usage_tokens = chunk["usage"].get("completion_tokens")
+                        for choice in chunk.get("choices") or []:
+                            if (choice.get("delta") or {}).get("content"):
+                                now = time.perf_counter()
+                                first = first or now
+                                last = now
+                                pieces += 1
+            tokens = usage_tokens or pieces
+            if first is None or last is None:
+                raise RuntimeError("no content streamed")
+            rate = (tokens - 1) / (last - first) if last > first else float("nan")
+            return (first - started) * 1000, rate, tokens
+
+        return asyncio.run(main())
 
     def chat_concurrent(self, streams: int, max_tokens: int = CHAT_TOKENS) -> float:
         """Aggregate generated tokens/s with `streams` simultaneous streamed chats."""
@@ -324,7 +343,7 @@ class Server:
         stop_group(self.proc)
 
 
-def start_ragserve(threads: int) -> Server:
+def start_ragserve(threads: int, settle: bool = True) -> Server:
     home = Path(tempfile.mkdtemp(prefix="ragserve-bench-"))
     port = free_port()
     env = {**os.environ, "RAGSERVE_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
@@ -336,9 +355,35 @@ def start_ragserve(threads: int) -> Server:
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", 60, proc)
     ready = time.monotonic() - started
-    time.sleep(1.0)  # idle: let start-up garbage settle
+    if settle:
+        time.sleep(1.0)  # idle: let start-up garbage settle
     own, tree = tree_rss_mb(proc.pid)
     return Server("ragserve", proc, url, ready, own, tree, home)
+
+
+def bare_fastapi_ready_s() -> float:
+    """Ready time of benchmarks/bare_app.py: what importing FastAPI and starting uvicorn cost here."""
+    port = free_port()
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(HERE / "bare_app.py"), str(port)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 60, proc)
+        return time.monotonic() - started
+    finally:
+        stop_group(proc)
+
+
+def ready_times(reps: int, threads: int) -> tuple[list[float], list[float]]:
+    """(ragserve ready times, bare FastAPI ready times), started alternately."""
+    def ragserve_once() -> float:
+        server = start_ragserve(threads, settle=False)
+        server.stop()
+        shutil.rmtree(server.home, ignore_errors=True)
+        return server.ready_s
+
+    ours, bare = interleave(reps, ragserve_once, bare_fastapi_ready_s)
+    return ours, bare
 
 
 def launch_ragserve_models(server: Server, threads: int, cross_encoder: str) -> dict[str, Any]:
@@ -442,6 +487,7 @@ class Plan:
     n_sentences: int
     rerank_reps: int
     chat_reps: int
+    ready_reps: int
 
 
 def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[str],
@@ -501,8 +547,8 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = (Plan(reps=2, n_sentences=320, rerank_reps=5, chat_reps=3) if args.quick
-            else Plan(reps=3, n_sentences=1000, rerank_reps=9, chat_reps=5))
+    plan = (Plan(reps=2, n_sentences=320, rerank_reps=5, chat_reps=3, ready_reps=3) if args.quick
+            else Plan(reps=3, n_sentences=1000, rerank_reps=9, chat_reps=7, ready_reps=7))
     RESULTS.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["RAGSERVE_THREADS"] = str(args.threads)
@@ -517,11 +563,14 @@ def run(args: argparse.Namespace) -> int:
         "threads": args.threads, "plan": plan.__dict__, "notes": [],
     }
 
+    print("ready time: ragserve and a bare FastAPI app, started alternately", flush=True)
+    ready, bare = ready_times(plan.ready_reps, args.threads)
+    report["ragserve_ready_s"], report["bare_fastapi_ready_s"] = median(ready), median(bare)
+    report["ready_samples"] = {"ragserve": ready, "bare_fastapi": bare}
     print("starting ragserve", flush=True)
     ours = start_ragserve(args.threads)
     reference = None
     try:
-        report["ragserve_ready_s"] = ours.ready_s
         report["ragserve_idle_rss_mb"] = ours.idle_rss_mb
         specs = launch_ragserve_models(ours, args.threads, cross_encoder)
         reference = InProcess(specs)
@@ -620,7 +669,10 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                        higher_better=False))
         out.append(row("(d') chat, 4 concurrent streams, aggregate", "tok/s", None, r["chat_4_streams_tps"], None,
                        "(info)", None, x.get("chat_4_streams_tps")))
-    out.append(row("(e) server ready (process start to /health)", "s", None, report.get("ragserve_ready_s"), None,
+    bare = report.get("bare_fastapi_ready_s")
+    out.append(row("(e) server ready (process start to /health); in-process column: a bare FastAPI app", "s",
+                   bare, report.get("ragserve_ready_s"),
+                   bare / report["ragserve_ready_s"] if bare and report.get("ragserve_ready_s") else None,
                    "< 1 s", (report.get("ragserve_ready_s") or 99) < 1, report.get("xinference_ready_s"),
                    higher_better=False, digits=2))
     out.append(row("(e) idle memory, gateway process RSS", "MiB", None, report.get("ragserve_idle_rss_mb"), None,

@@ -6,8 +6,6 @@ import json
 import os
 from typing import Any
 
-import httpx
-
 from ragserve.settings import DEFAULT_HOST, DEFAULT_PORT, Home
 
 
@@ -36,6 +34,8 @@ class RagserveClient:
         self.endpoint = endpoint.rstrip("/")
         api_key = api_key or (os.environ.get("RAGSERVE_API_KEY") or None)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        import httpx  # here, not at the top: `ragserve serve` imports this module and never needs httpx
+
         self._http = httpx.Client(base_url=self.endpoint, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -48,6 +48,8 @@ class RagserveClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.ConnectError as exc:

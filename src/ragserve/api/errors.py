@@ -63,10 +63,11 @@ def model_not_found(name: str, available: list[str]) -> APIError:
                     code="model_not_found", param="model")
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+def describe_validation_errors(errors) -> tuple[str, Optional[str]]:
+    """(message, first offending field) from pydantic's or FastAPI's list of validation errors."""
     problems = []
     first_param = None
-    for err in exc.errors():
+    for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         first_param = first_param or where
@@ -85,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation(exc)
+        message, param = describe_validation_errors(exc.errors())
         return error_response(400, message, "invalid_request", param)
 
     @app.exception_handler(StarletteHTTPException)

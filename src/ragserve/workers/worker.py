@@ -23,12 +23,13 @@ from typing import Any, Optional
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from ragserve.api.auth import WORKER_TOKEN_ENV, WorkerTokenMiddleware
 from ragserve.api.errors import APIError, install_error_handlers
+from ragserve.api.fast_routes import FastJSONRoutes
 from ragserve.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest
 from ragserve.control.spec import ModelSpec, ModelState, ModelType
 from ragserve.engines import load_engine
@@ -205,12 +206,10 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         finally:
             runtime.llm_slots.release()
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    async def chat(body: ChatCompletionRequest, raw: bytes = b"", scope=None):
         return await run_generation(body, chat=True)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, raw: bytes = b"", scope=None):
         return await run_generation(body, chat=False)
 
     def engine_batcher(engine: Engine) -> DynamicBatcher:
@@ -232,8 +231,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         finally:
             runtime.waiting -= 1
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, raw: bytes = b"", scope=None):
         engine: EmbeddingEngine = runtime.require(EmbeddingEngine)
         texts = _embedding_texts(body, engine)
         if body.dimensions is not None:
@@ -246,18 +244,33 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
                                param="dimensions")
         output = await in_engine_thread(engine, (body.wants_query(), body.instruction), texts)
         vectors = openai_format.cut_dimensions(np.asarray(output.items, dtype=np.float32), body.dimensions)
-        return JSONResponse(openai_format.embedding_list(body.model, vectors, output.prompt_tokens,
-                                                         body.encoding_format))
+        return openai_format.embedding_list(body.model, vectors, output.prompt_tokens, body.encoding_format)
 
-    @app.post("/v1/rerank")
-    async def rerank(body: RerankRequest):
+    async def rerank(body: RerankRequest, raw: bytes = b"", scope=None):
         engine: RerankEngine = runtime.require(RerankEngine)
         documents: list[str] = body.documents  # type: ignore[assignment]  # validated to text
         output = await in_engine_thread(engine, (body.query, body.instruction), documents)
         return openai_format.rerank_result(body.model, documents, output.items, output.prompt_tokens,
                                            body.top_n, body.return_documents, body.return_len)
 
+    routes = {"/v1/chat/completions": (ChatCompletionRequest, chat),
+              "/v1/completions": (CompletionRequest, completions),
+              "/v1/embeddings": (EmbeddingRequest, embeddings),
+              "/v1/rerank": (RerankRequest, rerank)}
+    for path, (schema, handler) in routes.items():
+        _add_fastapi_route(app, path, schema, handler)
+    # The routes above answer here, without FastAPI's per-request layers; see api/fast_routes.py.
+    app.add_middleware(FastJSONRoutes, routes=routes)
     return app
+
+
+def _add_fastapi_route(app: FastAPI, path: str, schema: type, handler) -> None:
+    """The same handler as a FastAPI route: reached only if the fast path is bypassed, and listed in /docs."""
+    async def endpoint(body):
+        return await handler(body)
+
+    endpoint.__annotations__ = {"body": schema}  # a real class: string annotations would not resolve here
+    app.post(path)(endpoint)
 
 
 def _embedding_texts(body: EmbeddingRequest, engine: EmbeddingEngine) -> list[str]:
