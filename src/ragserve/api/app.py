@@ -17,7 +17,8 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ragserve import __version__
-from ragserve.api.auth import WORKER_TOKEN_HEADER, APIKeyMiddleware, KeyChecker, keys_from_env
+from ragserve.api.auth import (USAGE_TRAILER_HEADER, USAGE_TRAILER_PREFIX, WORKER_TOKEN_HEADER,
+                               APIKeyMiddleware, KeyChecker, keys_from_env)
 from ragserve.api.fast_routes import FastJSONRoutes
 from ragserve.api.errors import APIError, error_response, install_error_handlers, model_not_found
 from ragserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -44,6 +45,7 @@ _ROUTE_HINT = {ModelType.LLM: "/v1/chat/completions", ModelType.EMBEDDING: "/v1/
 # Bounds that hold before any model work, so overload costs memory in proportion to these and no more.
 MAX_BODY_BYTES = int(float(os.environ.get("RAGSERVE_MAX_BODY_MB", "32")) * 1024 * 1024)
 MAX_IN_FLIGHT = int(os.environ.get("RAGSERVE_MAX_IN_FLIGHT", "1024"))
+USAGE_TRAILER_PREFIX_BYTES = USAGE_TRAILER_PREFIX.encode()
 _UNLIMITED_PATHS = frozenset({"/health", "/metrics", "/v1/cluster/auth"})
 
 
@@ -213,15 +215,17 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
 
     # ---- forwarding --------------------------------------------------------------------------
 
-    async def forward(record: ModelRecord, route: str, raw_body: bytes, stream: bool, state: dict[str, Any],
-                      strip_usage: bool = False) -> Response:
+    async def forward(record: ModelRecord, route: str, raw_body: bytes, stream: bool,
+                      state: dict[str, Any]) -> Response:
         """Send the request to the model's worker and relay the answer, noting token usage in `state`.
 
-        `strip_usage`: the gateway asked the worker for stream usage the client did not ask for (to count
-        tokens); those parts are removed again so the client gets the stream it asked for.
+        A stream is relayed as it comes; the worker ends it with a usage trailer (an SSE comment) that is
+        read and taken out here, so the client gets exactly the stream it asked for.
         """
         url = f"{record.base_url}{route}"
         headers = {"content-type": "application/json", WORKER_TOKEN_HEADER: supervisor.worker_token}
+        if stream:
+            headers[USAGE_TRAILER_HEADER] = "1"
         try:
             upstream = await worker_session().post(url, data=raw_body, headers=headers)
             if not stream or upstream.status != 200:
@@ -241,11 +245,14 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
             try:
                 async for piece in upstream.content.iter_any():
                     pending += piece
-                    while (cut := pending.find(b"\n\n")) >= 0:
-                        event, pending = pending[:cut + 2], pending[cut + 2:]
-                        event = _note_stream_usage(event, state, strip_usage)
-                        if event:
-                            yield event
+                    cut = pending.rfind(b"\n\n")
+                    if cut < 0:
+                        continue
+                    events, pending = pending[:cut + 2], pending[cut + 2:]
+                    if b'"usage":{' in events or USAGE_TRAILER_PREFIX_BYTES in events:
+                        events = _take_stream_usage(events, state)
+                    if events:
+                        yield events
                 if pending:
                     yield pending
                 finished = True
@@ -267,6 +274,7 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
         session = getattr(app.state, "worker_session", None)
         if session is None or session.closed:
             aiohttp = _aiohttp()
+            # Idle connections close after 60 s, before the worker's own 120 s (workers/worker.py).
             connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT, limit_per_host=0, keepalive_timeout=60,
                                              enable_cleanup_closed=False)
             session = app.state.worker_session = aiohttp.ClientSession(
@@ -287,14 +295,9 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
         state = scope.setdefault("state", {})
         state["model"] = record.spec.uid
         stream = bool(getattr(body, "stream", False))
-        strip_usage = False
         if stream:
             state["stream"] = True
-            if not (body.stream_options and body.stream_options.include_usage):
-                data = json.loads(raw_body)
-                data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-                raw_body, strip_usage = json.dumps(data).encode(), True
-        return await forward(record, route, raw_body, stream, state, strip_usage)
+        return await forward(record, route, raw_body, stream, state)
 
     async def chat_completions(body: ChatCompletionRequest, raw_body: bytes, scope: dict) -> Response:
         return await serve_route("/v1/chat/completions", body, raw_body, scope)
@@ -428,23 +431,29 @@ def _retry_after(headers) -> dict[str, str]:
     return {"Retry-After": value} if value else {}
 
 
-def _note_stream_usage(event: bytes, state: dict[str, Any], strip_usage: bool) -> bytes:
-    """Read token usage from one SSE event; drop or clean it when the client did not ask for usage."""
-    if b'"usage"' not in event or not event.startswith(b"data: {"):
-        return event
+def _take_stream_usage(events: bytes, state: dict[str, Any]) -> bytes:
+    """Note the usage found in these SSE events; drop the worker's usage trailer, keep everything else."""
+    kept = []
+    for event in events.split(b"\n\n")[:-1]:
+        if event.startswith(USAGE_TRAILER_PREFIX_BYTES):
+            usage = _json_or_none(event[len(USAGE_TRAILER_PREFIX_BYTES):])
+            if isinstance(usage, dict):
+                state["usage"] = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            continue
+        if event.startswith(b"data: {") and b'"usage":{' in event:
+            chunk = _json_or_none(event[6:])
+            usage = chunk.get("usage") if isinstance(chunk, dict) else None
+            if isinstance(usage, dict):
+                state["usage"] = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        kept.append(event + b"\n\n")
+    return b"".join(kept)
+
+
+def _json_or_none(raw: bytes) -> Any:
     try:
-        chunk = json.loads(event[6:])
+        return json.loads(raw)
     except ValueError:
-        return event
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        state["usage"] = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-    if not strip_usage:
-        return event
-    if isinstance(usage, dict) and not chunk.get("choices"):
-        return b""
-    chunk.pop("usage", None)
-    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+        return None
 
 
 def _is_hub_id(text: str) -> bool:

@@ -28,6 +28,9 @@ from ragserve.api.errors import error_response
 API_KEYS_ENV = "RAGSERVE_API_KEYS"
 WORKER_TOKEN_ENV = "RAGSERVE_WORKER_TOKEN"
 WORKER_TOKEN_HEADER = "x-ragserve-worker-token"
+# Gateway -> worker: "end the stream with a usage trailer" (an SSE comment, `: usage {...}`).
+USAGE_TRAILER_HEADER = "x-ragserve-usage-trailer"
+USAGE_TRAILER_PREFIX = ": usage "
 OPEN_PATHS = frozenset({"/health", "/v1/cluster/auth"})
 
 

@@ -74,8 +74,27 @@ def chat_completion(model: str, deltas: Iterable[GenerationDelta], split_reasoni
     }
 
 
+class UsageTrailer(dict):
+    """Token usage for the gateway alone, sent after a stream whose client did not ask for usage.
+
+    The worker writes it as an SSE comment (which clients skip) and the gateway takes it out, so neither
+    has to touch the stream's other chunks: asking for OpenAI's usage chunk instead would add
+    `"usage": null` to every chunk, which the gateway would then have to remove, token by token.
+    """
+
+
+def _usage_tail(chunk_id: str, created: int, model: str, obj: str, collected: "_Collected",
+                include_usage: bool, usage_trailer: bool) -> Iterator[dict[str, Any]]:
+    counts = usage(collected.prompt_tokens, collected.completion_tokens)
+    if include_usage:
+        yield {"id": chunk_id, "object": obj, "created": created, "model": model, "choices": [], "usage": counts}
+    elif usage_trailer:
+        yield UsageTrailer(counts)
+
+
 def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_reasoning: bool,
-                           include_usage: bool, start_in_reasoning: bool = False) -> Iterator[dict[str, Any]]:
+                           include_usage: bool, start_in_reasoning: bool = False,
+                           usage_trailer: bool = False) -> Iterator[dict[str, Any]]:
     """OpenAI stream chunks: a role chunk, one chunk per text piece, a finish chunk, optional usage."""
     chunk_id, created = new_id("chatcmpl"), int(time.time())
 
@@ -108,9 +127,8 @@ def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_
         if content:
             yield chunk({"content": content})
     yield chunk({}, collected.finish_reason or "stop")
-    if include_usage:
-        yield {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [], "usage": usage(collected.prompt_tokens, collected.completion_tokens)}
+    yield from _usage_tail(chunk_id, created, model, "chat.completion.chunk", collected, include_usage,
+                           usage_trailer)
 
 
 def text_completion(model: str, deltas: Iterable[GenerationDelta]) -> dict[str, Any]:
@@ -131,7 +149,7 @@ def text_completion(model: str, deltas: Iterable[GenerationDelta]) -> dict[str, 
 
 
 def text_completion_chunks(model: str, deltas: Iterable[GenerationDelta],
-                           include_usage: bool) -> Iterator[dict[str, Any]]:
+                           include_usage: bool, usage_trailer: bool = False) -> Iterator[dict[str, Any]]:
     chunk_id, created = new_id("cmpl"), int(time.time())
     collected = _Collected()
     for delta in deltas:
@@ -140,9 +158,7 @@ def text_completion_chunks(model: str, deltas: Iterable[GenerationDelta],
             yield {"id": chunk_id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
                                 "logprobs": None}]}
-    if include_usage:
-        yield {"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [],
-               "usage": usage(collected.prompt_tokens, collected.completion_tokens)}
+    yield from _usage_tail(chunk_id, created, model, "text_completion", collected, include_usage, usage_trailer)
 
 
 def cut_dimensions(vectors: np.ndarray, dimensions: Optional[int]) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from ragserve.api.auth import WORKER_TOKEN_ENV, WorkerTokenMiddleware
+from ragserve.api.auth import (USAGE_TRAILER_HEADER, USAGE_TRAILER_PREFIX, WORKER_TOKEN_ENV,
+                               WorkerTokenMiddleware)
 from ragserve.api.errors import APIError, install_error_handlers
 from ragserve.api.fast_routes import FastJSONRoutes
 from ragserve.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest
@@ -43,6 +45,8 @@ log = logging.getLogger("ragserve.worker")
 
 
 DEFAULT_MAX_QUEUE = 256
+WORKER_KEEP_ALIVE_S = 120
+USAGE_TRAILER_HEADER_BYTES = USAGE_TRAILER_HEADER.encode()
 
 
 class WorkerRuntime:
@@ -68,6 +72,10 @@ class WorkerRuntime:
                 raise EngineError(f"engine loaded a {engine.model_type.value} model but {self.spec.model_type.value} "
                                   f"was asked for")
             self.engine = engine
+            # The model's objects live as long as the process: keep them out of the garbage collector's
+            # full passes, which otherwise scan all of torch/transformers during requests.
+            gc.collect()
+            gc.freeze()
             self.loaded_in_s = round(time.monotonic() - started, 3)
             self.state = ModelState.READY
             log.info("model %s ready in %.2f s", self.spec.uid, self.loaded_in_s)
@@ -128,7 +136,10 @@ def _sse(chunks, on_close=None):
     async def stream():
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                if isinstance(chunk, openai_format.UsageTrailer):
+                    yield f"{USAGE_TRAILER_PREFIX}{json.dumps(chunk)}\n\n"
+                else:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except EngineError as exc:
             error = _engine_error(exc)
             yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'code': error.code}})}\n\n"
@@ -154,7 +165,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
                 "loaded_in_s": runtime.loaded_in_s, "waiting": runtime.waiting, "info": info,
                 "batching": batcher.describe() if (batcher := getattr(app.state, "batcher", None)) else None}
 
-    async def run_generation(body, chat: bool):
+    async def run_generation(body, chat: bool, usage_trailer: bool = False):
         engine: LLMEngine = runtime.require(LLMEngine)
         runtime.admit()
         request = _generation_request(body)
@@ -184,10 +195,11 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
                 try:
                     if chat:
                         make = lambda: openai_format.chat_completion_chunks(  # noqa: E731
-                            body.model, engine.generate(request), split_reasoning, include_usage, in_reasoning)
+                            body.model, engine.generate(request), split_reasoning, include_usage, in_reasoning,
+                            usage_trailer)
                     else:
                         make = lambda: openai_format.text_completion_chunks(  # noqa: E731
-                            body.model, engine.generate(request), include_usage)
+                            body.model, engine.generate(request), include_usage, usage_trailer)
                     async for chunk in iterate_in_thread(make):
                         yield chunk
                 finally:
@@ -207,10 +219,10 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
             runtime.llm_slots.release()
 
     async def chat(body: ChatCompletionRequest, raw: bytes = b"", scope=None):
-        return await run_generation(body, chat=True)
+        return await run_generation(body, chat=True, usage_trailer=_wants_usage_trailer(scope))
 
     async def completions(body: CompletionRequest, raw: bytes = b"", scope=None):
-        return await run_generation(body, chat=False)
+        return await run_generation(body, chat=False, usage_trailer=_wants_usage_trailer(scope))
 
     def engine_batcher(engine: Engine) -> DynamicBatcher:
         # Made on first use: the engine (and its max_batch_size) exists only once loaded.
@@ -262,6 +274,13 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     # The routes above answer here, without FastAPI's per-request layers; see api/fast_routes.py.
     app.add_middleware(FastJSONRoutes, routes=routes)
     return app
+
+
+def _wants_usage_trailer(scope: Optional[dict]) -> bool:
+    """The gateway counts tokens of every stream; it asks for them with this header."""
+    if not scope:
+        return False
+    return any(name == USAGE_TRAILER_HEADER_BYTES for name, _ in scope.get("headers") or ())
 
 
 def _add_fastapi_route(app: FastAPI, path: str, schema: type, handler) -> None:
@@ -352,7 +371,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     token = os.environ.get(WORKER_TOKEN_ENV)
     if token:
         app.add_middleware(WorkerTokenMiddleware, token=token)
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port,
+    # Idle keep-alive connections outlive the gateway pool's (60 s): the gateway always closes an idle
+    # connection first, so it never sends a request on one the worker is closing at that instant.
+    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, timeout_keep_alive=WORKER_KEEP_ALIVE_S,
                             log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     _GatewayOwnedServer(config).run()
 
