@@ -197,7 +197,8 @@ def sse_events(base_url: str, path: str, payload: dict) -> Iterator[bytes]:
             parser.feed_data(data)
             if not sink.body:
                 continue
-            pending += b"".join(sink.body)
+            # Some servers (Xinference, through sse-starlette) end SSE lines with CRLF.
+            pending = (pending + b"".join(sink.body)).replace(b"\r\n", b"\n")
             sink.body.clear()
             if parser.get_status_code() != 200:
                 continue
@@ -620,7 +621,7 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
 
 def run(args: argparse.Namespace) -> int:
     plan = (Plan(reps=2, n_sentences=320, rerank_reps=5, chat_reps=3, ready_reps=3) if args.quick
-            else Plan(reps=3, n_sentences=1000, rerank_reps=9, chat_reps=7, ready_reps=7))
+            else Plan(reps=5, n_sentences=1000, rerank_reps=9, chat_reps=15, ready_reps=9))
     RESULTS.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["RAGSERVE_THREADS"] = str(args.threads)

@@ -5,13 +5,28 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ragserve.client import RagserveClient, ServerError, default_endpoint
 from ragserve.settings import Home, resolve_home
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _LazyConsole:
+    """rich's Console, made on first use, so that `ragserve serve` starts without importing rich."""
+
+    def __init__(self, **options) -> None:
+        self._options = options
+        self._console = None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console = _LazyConsole()
+err_console = _LazyConsole(stderr=True)
 
 HomeOption = typer.Option(None, "--home", envvar="RAGSERVE_HOME",
                           help="Home folder for models, logs and state (default ~/.ragserve).")

@@ -71,21 +71,14 @@ def _clear_server_info(home: Home) -> None:
 
 
 def _setup_logging(home: Home, level: str) -> None:
-    from rich.logging import RichHandler
-
-    # The access log (one line per request) gets a plain handler: Rich's layout costs about half a
-    # millisecond a line, which is more than the gateway's whole work for a small embedding request.
-    not_access = logging.Filter()
-    not_access.filter = lambda record: not record.name.startswith("ragserve.access")  # type: ignore[method-assign]
-    rich_handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, log_time_format="%H:%M:%S")
-    rich_handler.addFilter(not_access)
-    access_handler = logging.StreamHandler(sys.stderr if console.stderr else sys.stdout)
-    access_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    access_handler.addFilter(logging.Filter("ragserve.access"))
+    # Plain lines, as uvicorn and vLLM write them: one format for the terminal, journald and `--detach`
+    # logs, and no rich import (or its half millisecond a line) in the server.
+    stream_handler = logging.StreamHandler(sys.stderr)
+    stream_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
     file_handler = logging.FileHandler(home.server_log)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        handlers=[rich_handler, access_handler, file_handler], force=True, format="%(message)s")
+                        handlers=[stream_handler, file_handler], force=True)
     # httpx logs every call it makes; the access log already has one line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -137,7 +130,9 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+        # log_config=None: keep the logging set up above (uvicorn's own dictConfig would add its handlers).
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
+                    log_config=None)
     finally:
         _clear_server_info(home)
 
