@@ -101,6 +101,12 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def paired_ratio(ours: list[float], reference: list[float]) -> float:
+    """Median over repetitions of ours[i] / reference[i]: each run is set against the reference run made
+    next to it, so a machine that slows down for a minute slows both sides of a pair alike."""
+    return median([a / b for a, b in zip(ours, reference) if b])
+
+
 def interleave(reps: int, *runs: Callable[[], float]) -> list[list[float]]:
     """Run each measurement `reps` times, alternating, so load changes hit all of them alike."""
     results: list[list[float]] = [[] for _ in runs]
@@ -396,7 +402,8 @@ def measure_chat_one_thread(server: "Server", plan: "Plan", work: Path) -> dict[
         reference.close()
         target.close()
         httpx.delete(f"{server.url}/v1/models/bench-chat-1t", timeout=60)
-    return {"chat_1t_ref_tps": median([r[1] for r in ref]), "chat_1t_http_tps": median([r[1] for r in http])}
+    return {"chat_1t_ref_tps": median([r[1] for r in ref]), "chat_1t_http_tps": median([r[1] for r in http]),
+            "chat_1t_tps_ratio": paired_ratio([r[1] for r in http], [r[1] for r in ref])}
 
 
 # ---- servers --------------------------------------------------------------------------------
@@ -577,19 +584,20 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
         reference.rerank(RERANK_QUERY, documents)
         reference.chat_stream(16)
 
-    print(f"[{target.name}] (a) embeddings, batches of 32", flush=True)
-    runs = [lambda: target.embed_batches(texts, 32)]
+    samples: dict[str, list] = out.setdefault("samples", {})
+    print(f"[{target.name}] (a) embeddings, batches of 32, and (b) 32 concurrent single-sentence clients",
+          flush=True)
+    runs = {"embed_http": lambda: target.embed_batches(texts, 32),
+            "embed_concurrent": lambda: target.embed_concurrent(texts, 32)}
     if reference is not None:
-        runs.insert(0, lambda: reference.embed_batches(texts, 32))
-        runs.append(lambda: target.embed_batches(texts, 32, encoding="float"))
-    results = interleave(plan.reps, *runs)
+        runs = {"embed_ref": lambda: reference.embed_batches(texts, 32), **runs,
+                "embed_http_float": lambda: target.embed_batches(texts, 32, encoding="float")}
+    for name, values in zip(runs, interleave(plan.reps, *runs.values())):
+        samples[name] = values
+        out[name] = median(values)
     if reference is not None:
-        out["embed_ref"], out["embed_http"], out["embed_http_float"] = map(median, results)
-    else:
-        out["embed_http"] = median(results[0])
-
-    print(f"[{target.name}] (b) 32 concurrent single-sentence clients", flush=True)
-    out["embed_concurrent"] = median(interleave(plan.reps, lambda: target.embed_concurrent(texts, 32))[0])
+        for name in ("embed_http", "embed_concurrent", "embed_http_float"):
+            out[f"{name}_ratio"] = paired_ratio(samples[name], samples["embed_ref"])
 
     print(f"[{target.name}] (c) rerank 1 x {len(documents)}", flush=True)
     runs = [lambda: target.rerank(RERANK_QUERY, documents)]
@@ -598,6 +606,8 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
     results = interleave(plan.rerank_reps, *runs)
     if reference is not None:
         out["rerank_ref_ms"], out["rerank_http_ms"] = map(median, results)
+        samples["rerank_ref_ms"], samples["rerank_http_ms"] = results
+        out["rerank_ratio"] = paired_ratio(results[0], results[1])  # reference time / HTTP time
     else:
         out["rerank_http_ms"] = median(results[0])
 
@@ -610,10 +620,13 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
     out["chat_http_ttft_ms"] = median([r[0] for r in http])
     out["chat_http_tps"] = median([r[1] for r in http])
     out["chat_tokens"] = median([r[2] for r in http])
+    samples["chat_http"] = http
     if reference is not None:
         ref = results[0]
+        samples["chat_ref"] = ref
         out["chat_ref_ttft_ms"] = median([r[0] for r in ref])
         out["chat_ref_tps"] = median([r[1] for r in ref])
+        out["chat_tps_ratio"] = paired_ratio([r[1] for r in http], [r[1] for r in ref])
     out["chat_4_streams_tps"] = median(interleave(max(1, plan.chat_reps // 2),
                                                   lambda: target.chat_concurrent(4))[0])
     return out
@@ -639,6 +652,7 @@ def run(args: argparse.Namespace) -> int:
     print("ready time: ragserve and a bare FastAPI app, started alternately", flush=True)
     ready, bare = ready_times(plan.ready_reps, args.threads)
     report["ragserve_ready_s"], report["bare_fastapi_ready_s"] = median(ready), median(bare)
+    report["ready_ratio"] = paired_ratio(bare, ready)
     report["ready_samples"] = {"ragserve": ready, "bare_fastapi": bare}
     print("starting ragserve", flush=True)
     ours = start_ragserve(args.threads)
@@ -722,20 +736,20 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
     out = []
     if r:
-        ratio = r["embed_http"] / r["embed_ref"]
+        ratio = r.get("embed_http_ratio") or r["embed_http"] / r["embed_ref"]
         out.append(row("(a) embeddings, 1000 sentences in batches of 32 (base64)", "sent/s", r["embed_ref"],
                        r["embed_http"], ratio, ">= 0.95x", ratio >= 0.95, x.get("embed_http")))
-        ratio_f = r["embed_http_float"] / r["embed_ref"]
+        ratio_f = r.get("embed_http_float_ratio") or r["embed_http_float"] / r["embed_ref"]
         out.append(row("(a') same, float JSON", "sent/s", r["embed_ref"], r["embed_http_float"], ratio_f,
                        "(info)", None))
-        ratio = r["embed_concurrent"] / r["embed_ref"]
+        ratio = r.get("embed_concurrent_ratio") or r["embed_concurrent"] / r["embed_ref"]
         out.append(row("(b) 32 concurrent clients, 1 sentence each", "sent/s", r["embed_ref"],
                        r["embed_concurrent"], ratio, ">= 0.8x of in-process batch-32", ratio >= 0.8,
                        x.get("embed_concurrent")))
-        ratio = r["rerank_ref_ms"] / r["rerank_http_ms"]
+        ratio = r.get("rerank_ratio") or r["rerank_ref_ms"] / r["rerank_http_ms"]
         out.append(row("(c) rerank 1 query x 100 documents", "ms", r["rerank_ref_ms"], r["rerank_http_ms"],
                        ratio, "(latency)", None, x.get("rerank_http_ms"), higher_better=False))
-        ratio = r["chat_http_tps"] / r["chat_ref_tps"]
+        ratio = r.get("chat_tps_ratio") or r["chat_http_tps"] / r["chat_ref_tps"]
         out.append(row(f"(d) chat decode, streamed ({int(r['chat_tokens'])} tokens)", "tok/s", r["chat_ref_tps"],
                        r["chat_http_tps"], ratio, ">= 0.97x", ratio >= 0.97, x.get("chat_http_tps")))
         overhead = r["chat_http_ttft_ms"] - r["chat_ref_ttft_ms"]
@@ -743,7 +757,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                        f"overhead < 15 ms (got {overhead:.1f})", overhead < 15, x.get("chat_http_ttft_ms"),
                        higher_better=False))
         if r.get("chat_1t_ref_tps"):
-            ratio = r["chat_1t_http_tps"] / r["chat_1t_ref_tps"]
+            ratio = r.get("chat_1t_tps_ratio") or r["chat_1t_http_tps"] / r["chat_1t_ref_tps"]
             out.append(row("(d'') same, 1 engine thread (a core left for client, gateway and worker)", "tok/s",
                            r["chat_1t_ref_tps"], r["chat_1t_http_tps"], ratio, "(info)", None))
         out.append(row("(d') chat, 4 concurrent streams, aggregate", "tok/s", None, r["chat_4_streams_tps"], None,
@@ -751,7 +765,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     bare = report.get("bare_fastapi_ready_s")
     out.append(row("(e) server ready (process start to /health); in-process column: a bare FastAPI app", "s",
                    bare, report.get("ragserve_ready_s"),
-                   bare / report["ragserve_ready_s"] if bare and report.get("ragserve_ready_s") else None,
+                   report.get("ready_ratio"),
                    "< 1 s", (report.get("ragserve_ready_s") or 99) < 1, report.get("xinference_ready_s"),
                    higher_better=False, digits=2))
     out.append(row("(e) idle memory, gateway process RSS", "MiB", None, report.get("ragserve_idle_rss_mb"), None,
@@ -768,7 +782,8 @@ def render(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']}; {report['threads']} engine threads on every side.  ",
         "Medians; in-process = the same engine called directly, loaded with `ragserve.engines.load_engine` "
         "in a process of its own as a worker loads it (benchmarks/reference.py); HTTP = client -> gateway -> "
-        "worker, the clients on aiohttp. Reference and HTTP runs alternate. Xinference column: the same workload "
+        "worker. Reference and HTTP runs alternate; ratio = median over repetitions of HTTP / the reference run "
+        "beside it (for ms and s rows: reference / HTTP), so above 1 is better. Xinference column: the same workload "
         "against Xinference 4.1 on the same files; last column = ragserve / Xinference (above 1 = ragserve "
         "better).",
         "",
