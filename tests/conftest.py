@@ -103,6 +103,25 @@ def server(tmp_path_factory) -> RunningServer:
     stop_server(running.process)
 
 
+def ensure_model(server: RunningServer, uid: str, **payload) -> str:
+    """Launch once per session under a fixed uid (several test files share the session server)."""
+    if httpx.get(f"{server.url}/v1/models/{uid}").status_code == 200:
+        return uid
+    return server.launch(model_uid=uid, **payload)
+
+
+@pytest.fixture(scope="module")
+def chat_uid(server) -> str:
+    """SmolLM2 chat on the session server (a module may define its own `chat_uid` instead)."""
+    return ensure_model(server, "t-chat", model_name="t-chat", model_type="LLM", model_path=smollm_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def embed_uid(server) -> str:
+    """MiniLM embeddings on the session server."""
+    return ensure_model(server, "t-embed", model_name="t-embed", model_type="embedding", model_path=minilm_path())
+
+
 @pytest.fixture
 def fresh_server(tmp_path) -> RunningServer:
     """A server of the test's own, for tests that restart, kill or reconfigure it."""

@@ -92,6 +92,18 @@ def test_stream_without_usage_is_counted_but_sends_none(server, chat_model):
     assert _completion_tokens_counted(server, chat_model) - before == 12
 
 
+def test_stream_with_usage_is_counted_once(oai, server, chat_model):
+    """A client that asks for usage gets OpenAI's usage chunk; the gateway counts the same tokens."""
+    before = _completion_tokens_counted(server, chat_model)
+    usage = None
+    for chunk in oai.chat.completions.create(model=chat_model, messages=[{"role": "user", "content": "Hi."}],
+                                             temperature=0, max_tokens=7, stream=True,
+                                             stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+    assert usage.completion_tokens == 7
+    assert _completion_tokens_counted(server, chat_model) - before == 7
+
+
 def test_max_tokens_and_stop(oai, chat_model):
     messages = [{"role": "user", "content": QUESTION}]
     short = oai.chat.completions.create(model=chat_model, messages=messages, temperature=0, max_tokens=2)

@@ -8,22 +8,6 @@ import pytest
 from conftest import minilm_path, smollm_gguf_path
 
 
-def ensure_model(server, uid: str, **payload) -> str:
-    if httpx.get(f"{server.url}/v1/models/{uid}").status_code == 200:
-        return uid
-    return server.launch(model_uid=uid, **payload)
-
-
-@pytest.fixture(scope="module")
-def chat_uid(server) -> str:
-    return ensure_model(server, "t-chat", model_name="t-chat", model_type="LLM", model_path=smollm_gguf_path())
-
-
-@pytest.fixture(scope="module")
-def embed_uid(server) -> str:
-    return ensure_model(server, "t-embed", model_name="t-embed", model_type="embedding", model_path=minilm_path())
-
-
 def post(server, path: str, **kwargs) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", timeout=120, **kwargs)
 

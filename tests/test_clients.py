@@ -14,30 +14,13 @@ import openai
 import pytest
 import requests
 
-from conftest import minilm_path, smollm_gguf_path
+from conftest import ensure_model, minilm_path, smollm_gguf_path
 
 QUESTION = "What is the capital of France? Answer in one word."
 DOCUMENTS = ["Paris is the capital and largest city of France.",
              "The mitochondria is the powerhouse of the cell.",
              "Berlin is the capital of Germany.",
              "Bananas are rich in potassium."]
-
-
-def ensure_model(server, uid: str, **payload) -> str:
-    """Launch once per session under a fixed uid (several test files share the session server)."""
-    if httpx.get(f"{server.url}/v1/models/{uid}").status_code == 200:
-        return uid
-    return server.launch(model_uid=uid, **payload)
-
-
-@pytest.fixture(scope="module")
-def chat_uid(server) -> str:
-    return ensure_model(server, "t-chat", model_name="t-chat", model_type="LLM", model_path=smollm_gguf_path())
-
-
-@pytest.fixture(scope="module")
-def embed_uid(server) -> str:
-    return ensure_model(server, "t-embed", model_name="t-embed", model_type="embedding", model_path=minilm_path())
 
 
 @pytest.fixture(scope="session")

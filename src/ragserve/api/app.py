@@ -249,7 +249,7 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
                     if cut < 0:
                         continue
                     events, pending = pending[:cut + 2], pending[cut + 2:]
-                    if b'"usage":{' in events or USAGE_TRAILER_PREFIX_BYTES in events:
+                    if b'"usage"' in events:
                         events = _take_stream_usage(events, state)
                     if events:
                         yield events
@@ -432,28 +432,16 @@ def _retry_after(headers) -> dict[str, str]:
 
 
 def _take_stream_usage(events: bytes, state: dict[str, Any]) -> bytes:
-    """Note the usage found in these SSE events; drop the worker's usage trailer, keep everything else."""
+    """Note the usage in these SSE events (the client's usage chunk or the worker's trailer, both
+    `{"usage": {...}}`); drop the trailer, keep everything else."""
     kept = []
     for event in events.split(b"\n\n")[:-1]:
-        if event.startswith(USAGE_TRAILER_PREFIX_BYTES):
-            usage = _json_or_none(event[len(USAGE_TRAILER_PREFIX_BYTES):])
-            if isinstance(usage, dict):
-                state["usage"] = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-            continue
-        if event.startswith(b"data: {") and b'"usage":{' in event:
-            chunk = _json_or_none(event[6:])
-            usage = chunk.get("usage") if isinstance(chunk, dict) else None
-            if isinstance(usage, dict):
-                state["usage"] = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        kept.append(event + b"\n\n")
+        usage = usage_from_json(event) if b'"usage"' in event else None
+        if usage is not None:
+            state["usage"] = usage
+        if not event.startswith(USAGE_TRAILER_PREFIX_BYTES):
+            kept.append(event + b"\n\n")
     return b"".join(kept)
-
-
-def _json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
 
 
 def _is_hub_id(text: str) -> bool:

@@ -171,8 +171,8 @@ class Supervisor:
         record.state = ModelState.LOADING
         record.ready.clear()
         log_file = open(self.home.worker_log(spec.uid), "ab")
-        env = {**WORKER_ENV_DEFAULTS.get(spec.model_engine, {}), **os.environ, **self.home.library_env(), "PYTHONUNBUFFERED": "1",
-               WORKER_TOKEN_ENV: self.worker_token}
+        env = {**WORKER_ENV_DEFAULTS.get(spec.model_engine, {}), **os.environ, **self.home.library_env(),
+               "PYTHONUNBUFFERED": "1", WORKER_TOKEN_ENV: self.worker_token}
         record.process = subprocess.Popen(
             [sys.executable, "-m", "ragserve.workers.worker", "--spec-file", str(spec_file), "--port",
              str(record.port)],

@@ -75,7 +75,7 @@ def chat_completion(model: str, deltas: Iterable[GenerationDelta], split_reasoni
 
 
 class UsageTrailer(dict):
-    """Token usage for the gateway alone, sent after a stream whose client did not ask for usage.
+    """`{"usage": {...}}` for the gateway alone, sent after a stream whose client did not ask for usage.
 
     The worker writes it as an SSE comment (which clients skip) and the gateway takes it out, so neither
     has to touch the stream's other chunks: asking for OpenAI's usage chunk instead would add
@@ -89,7 +89,7 @@ def _usage_tail(chunk_id: str, created: int, model: str, obj: str, collected: "_
     if include_usage:
         yield {"id": chunk_id, "object": obj, "created": created, "model": model, "choices": [], "usage": counts}
     elif usage_trailer:
-        yield UsageTrailer(counts)
+        yield UsageTrailer(usage=counts)
 
 
 def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_reasoning: bool,

@@ -218,10 +218,10 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         finally:
             runtime.llm_slots.release()
 
-    async def chat(body: ChatCompletionRequest, raw: bytes = b"", scope=None):
+    async def chat(body: ChatCompletionRequest, raw: bytes, scope: dict):
         return await run_generation(body, chat=True, usage_trailer=_wants_usage_trailer(scope))
 
-    async def completions(body: CompletionRequest, raw: bytes = b"", scope=None):
+    async def completions(body: CompletionRequest, raw: bytes, scope: dict):
         return await run_generation(body, chat=False, usage_trailer=_wants_usage_trailer(scope))
 
     def engine_batcher(engine: Engine) -> DynamicBatcher:
@@ -243,7 +243,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         finally:
             runtime.waiting -= 1
 
-    async def embeddings(body: EmbeddingRequest, raw: bytes = b"", scope=None):
+    async def embeddings(body: EmbeddingRequest, raw: bytes, scope: dict):
         engine: EmbeddingEngine = runtime.require(EmbeddingEngine)
         texts = _embedding_texts(body, engine)
         if body.dimensions is not None:
@@ -258,38 +258,25 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         vectors = openai_format.cut_dimensions(np.asarray(output.items, dtype=np.float32), body.dimensions)
         return openai_format.embedding_list(body.model, vectors, output.prompt_tokens, body.encoding_format)
 
-    async def rerank(body: RerankRequest, raw: bytes = b"", scope=None):
+    async def rerank(body: RerankRequest, raw: bytes, scope: dict):
         engine: RerankEngine = runtime.require(RerankEngine)
         documents: list[str] = body.documents  # type: ignore[assignment]  # validated to text
         output = await in_engine_thread(engine, (body.query, body.instruction), documents)
         return openai_format.rerank_result(body.model, documents, output.items, output.prompt_tokens,
                                            body.top_n, body.return_documents, body.return_len)
 
-    routes = {"/v1/chat/completions": (ChatCompletionRequest, chat),
-              "/v1/completions": (CompletionRequest, completions),
-              "/v1/embeddings": (EmbeddingRequest, embeddings),
-              "/v1/rerank": (RerankRequest, rerank)}
-    for path, (schema, handler) in routes.items():
-        _add_fastapi_route(app, path, schema, handler)
-    # The routes above answer here, without FastAPI's per-request layers; see api/fast_routes.py.
-    app.add_middleware(FastJSONRoutes, routes=routes)
+    # Answered without FastAPI's per-request layers (api/fast_routes.py); only the gateway calls these, so
+    # they need no FastAPI twins for /docs.
+    app.add_middleware(FastJSONRoutes, routes={"/v1/chat/completions": (ChatCompletionRequest, chat),
+                                               "/v1/completions": (CompletionRequest, completions),
+                                               "/v1/embeddings": (EmbeddingRequest, embeddings),
+                                               "/v1/rerank": (RerankRequest, rerank)})
     return app
 
 
-def _wants_usage_trailer(scope: Optional[dict]) -> bool:
+def _wants_usage_trailer(scope: dict) -> bool:
     """The gateway counts tokens of every stream; it asks for them with this header."""
-    if not scope:
-        return False
     return any(name == USAGE_TRAILER_HEADER_BYTES for name, _ in scope.get("headers") or ())
-
-
-def _add_fastapi_route(app: FastAPI, path: str, schema: type, handler) -> None:
-    """The same handler as a FastAPI route: reached only if the fast path is bypassed, and listed in /docs."""
-    async def endpoint(body):
-        return await handler(body)
-
-    endpoint.__annotations__ = {"body": schema}  # a real class: string annotations would not resolve here
-    app.post(path)(endpoint)
 
 
 def _embedding_texts(body: EmbeddingRequest, engine: EmbeddingEngine) -> list[str]:
