@@ -253,7 +253,7 @@ class Target:
 
         async def main() -> float:
             connector = aiohttp.TCPConnector(limit=clients)
-            async with aiohttp.ClientSession(self.url, connector=connector,
+            async with aiohttp.ClientSession(self.url, connector=connector, headers=dict(self.client.headers),
                                              timeout=aiohttp.ClientTimeout(total=300)) as client:
                 pending = list(reversed(texts))
 

@@ -93,6 +93,39 @@ def test_one_bad_request_fails_alone():
     assert results[0].items == ["k:good1"]
 
 
+def test_closed_loop_clients_regroup_into_one_call():
+    """Clients that started out of step must not stay split into two alternating half-size calls.
+
+    8 clients start at once and 8 more while the first call runs; each client sends again 5 ms
+    after its answer. Waiting only for as many callers as the previous call held keeps calls of 8
+    forever; waiting for every caller seen during the previous call merges them into calls of 16.
+    """
+    calls: list[int] = []
+
+    def engine(key, items):
+        calls.append(len(items))
+        time.sleep(0.03)
+        return list(items), len(items), None
+
+    async def main():
+        batcher = DynamicBatcher(engine, ThreadPoolExecutor(1), BatchSettings(max_batch_size=64, max_wait_s=0.2),
+                                 item_tokens=lambda k, t: 1)
+        stop = time.monotonic() + 1.2
+
+        async def client(name: str, start_after: float):
+            await asyncio.sleep(start_after)
+            while time.monotonic() < stop:
+                assert (await batcher.submit("k", [name])).items == [name]
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*[client(f"c{i}", 0 if i < 8 else 0.015) for i in range(16)])
+        await batcher.close()
+
+    asyncio.run(main())
+    assert len(calls) >= 8, calls
+    assert calls[-4:-1] == [16, 16, 16], calls  # the very last call may hold the stragglers only
+
+
 def test_settings_from_options_and_env(monkeypatch):
     class Engine:
         max_batch_size = 48

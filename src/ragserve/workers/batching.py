@@ -12,7 +12,10 @@ since the engine splits it into its own internal batches anyway.
 
 Waiting for company costs latency, so the consumer only waits when it has recently seen
 concurrent callers: a lone sequential client is dispatched at once, while under load the
-queue is given up to `max_wait_s` to refill to the size of the previous merged call.
+queue is given up to `max_wait_s` to refill to the number of callers seen at once during the
+previous call. Waiting for all of them, not just for as many as the previous call held, matters:
+N closed-loop clients otherwise settle into two half-size calls that alternate, and small calls
+use the engine worse (on MiniLM, CPU: calls of 16 gave 0.75x the throughput of calls of 32).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ log = logging.getLogger("ragserve.batching")
 
 T = TypeVar("T")
 
-DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_MAX_WAIT_MS = 10.0
 DEFAULT_MAX_TOKENS = 16384
 # Characters per token for the budget estimate: close enough for English BPE/WordPiece, and the
 # budget only shapes batches; the engine enforces real context limits.
@@ -52,7 +55,7 @@ class BatchSettings:
 
     Read from the model's launch options (`batch_max_size`, `batch_max_tokens`, `batch_wait_ms`),
     then the environment (`RAGSERVE_BATCH_MAX_SIZE`, `RAGSERVE_BATCH_MAX_TOKENS`,
-    `RAGSERVE_BATCH_WAIT_MS`), then defaults: the engine's `max_batch_size`, 16384 tokens, 5 ms.
+    `RAGSERVE_BATCH_WAIT_MS`), then defaults: the engine's `max_batch_size`, 16384 tokens, 10 ms.
     `batch_max_size=1` turns merging off.
     """
 
@@ -132,8 +135,11 @@ class DynamicBatcher:
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._consumer: Optional[asyncio.Task] = None
-        # Requests merged into the previous call: how many callers to wait for next time.
+        # Callers seen at once (queued or in the engine) since the last call was cut: how many to
+        # wait for next time.
         self._expected = 1
+        self._in_flight = 0
+        self._peak = 0
         self._last_done = 0.0
 
     def describe(self) -> dict[str, Any]:
@@ -148,8 +154,13 @@ class DynamicBatcher:
         job = _Job(key=key, items=list(items), tokens=sum(self.item_tokens(key, it) for it in items),
                    future=loop.create_future(), enqueued=time.monotonic())
         self._queue.append(job)
+        self._in_flight += 1
+        self._peak = max(self._peak, self._in_flight)
         self._arrived.set()
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            self._in_flight -= 1
 
     async def close(self) -> None:
         if self._consumer is not None:
@@ -177,10 +188,9 @@ class DynamicBatcher:
             batch = self._take()
             if not batch:
                 continue
-            self._expected = len(batch)
+            self._expected, self._peak = self._peak, self._in_flight
             try:
                 await self._run(batch)
-                self._last_done = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # never let the consumer die with callers waiting
@@ -188,15 +198,20 @@ class DynamicBatcher:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
+            finally:
+                self._last_done = time.monotonic()
 
     async def _wait_for_company(self) -> None:
-        """Under load, give the queue up to max_wait_s to refill to the previous call's size."""
+        """Under load, give the queue up to max_wait_s to refill to the previous burst's size.
+
+        The wait counts from when the engine became free (or from the oldest arrival, if later):
+        callers that queued during the previous call must not make the wait look already spent."""
         settings = self.settings
         if self._queue[0].enqueued - self._last_done > IDLE_RESET_S:
             self._expected = 1  # the burst that set it is over
         if self._expected <= 1 or settings.max_wait_s <= 0 or settings.max_batch_size <= 1:
             return
-        deadline = self._queue[0].enqueued + settings.max_wait_s
+        deadline = max(self._queue[0].enqueued, self._last_done) + settings.max_wait_s
         while len(self._queue) < self._expected and not self._full():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
