@@ -102,8 +102,15 @@ def median(values: list[float]) -> float:
 
 
 def paired_ratio(ours: list[float], reference: list[float]) -> float:
-    """Median over repetitions of ours[i] / reference[i]: each run is set against the reference run made
-    next to it, so a machine that slows down for a minute slows both sides of a pair alike."""
+    """Median over repetitions of ours[i] / the reference measured next to it, so a machine that slows
+    down for a minute slows both sides of a pair alike.
+
+    With one reference run more than ours (reference, ours, reference, ours, ..., reference), each run of
+    ours is set against the mean of the reference runs just before and just after it, which also cancels
+    a slow drift of the machine's speed across the pair.
+    """
+    if len(reference) == len(ours) + 1:
+        reference = [(a + b) / 2 for a, b in zip(reference, reference[1:])]
     return median([a / b for a, b in zip(ours, reference) if b])
 
 
@@ -398,6 +405,7 @@ def measure_chat_one_thread(server: "Server", plan: "Plan", work: Path) -> dict[
         target.chat_stream(16)
         reference.ask(op="chat", prompt=CHAT_PROMPT, max_tokens=16)
         ref, http = interleave(plan.chat_reps, reference_chat, target.chat_stream)
+        ref.append(reference_chat())  # closes the last pair
     finally:
         reference.close()
         target.close()
@@ -594,7 +602,10 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
                 "embed_http_float": lambda: target.embed_batches(texts, 32, encoding="float")}
     for name, values in zip(runs, interleave(plan.reps, *runs.values())):
         samples[name] = values
-        out[name] = median(values)
+    if reference is not None:
+        samples["embed_ref"].append(reference.embed_batches(texts, 32))  # closes the last pair
+    for name in runs:
+        out[name] = median(samples[name])
     if reference is not None:
         for name in ("embed_http", "embed_concurrent", "embed_http_float"):
             out[f"{name}_ratio"] = paired_ratio(samples[name], samples["embed_ref"])
@@ -616,6 +627,8 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
     if reference is not None:
         runs.insert(0, reference.chat_stream)
     results = interleave(plan.chat_reps, *runs)
+    if reference is not None:
+        results[0].append(reference.chat_stream())  # closes the last pair
     http = results[-1]
     out["chat_http_ttft_ms"] = median([r[0] for r in http])
     out["chat_http_tps"] = median([r[1] for r in http])
@@ -634,7 +647,7 @@ def measure_http(target: Target, plan: Plan, texts: list[str], documents: list[s
 
 def run(args: argparse.Namespace) -> int:
     plan = (Plan(reps=2, n_sentences=320, rerank_reps=5, chat_reps=3, ready_reps=3) if args.quick
-            else Plan(reps=5, n_sentences=1000, rerank_reps=9, chat_reps=15, ready_reps=9))
+            else Plan(reps=7, n_sentences=1000, rerank_reps=9, chat_reps=15, ready_reps=9))
     RESULTS.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["RAGSERVE_THREADS"] = str(args.threads)
@@ -782,8 +795,9 @@ def render(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']}; {report['threads']} engine threads on every side.  ",
         "Medians; in-process = the same engine called directly, loaded with `ragserve.engines.load_engine` "
         "in a process of its own as a worker loads it (benchmarks/reference.py); HTTP = client -> gateway -> "
-        "worker. Reference and HTTP runs alternate; ratio = median over repetitions of HTTP / the reference run "
-        "beside it (for ms and s rows: reference / HTTP), so above 1 is better. Xinference column: the same workload "
+        "worker. Reference and HTTP runs alternate, starting and ending with a reference run; ratio = median over "
+        "repetitions of HTTP / the reference runs beside it (embeddings and chat: the mean of the one before and "
+        "the one after; for ms and s rows: reference / HTTP), so above 1 is better. Xinference column: the same workload "
         "against Xinference 4.1 on the same files; last column = ragserve / Xinference (above 1 = ragserve "
         "better).",
         "",
