@@ -114,6 +114,11 @@ def test_bad_launches(server):
     assert_error(post(server, "/v1/models", json={"model_name": "x", "model_type": "painting",
                                                   "model_path": smollm_gguf_path()}), 400, "painting")
     assert_error(post(server, "/v1/models", json={"model_type": "LLM"}), 400, "model_name")
+    for options, words in (({"batch_wait_ms": "abc"}, ("batch_wait_ms", "from 0 to 1000")),
+                           ({"batch_wait_ms": -5}, ("batch_wait_ms",)),
+                           ({"batch_max_size": 0}, ("batch_max_size", "1 or more"))):
+        assert_error(post(server, "/v1/models", json={"model_name": "x", "model_type": "embedding",
+                                                      "model_path": minilm_path(), "options": options}), 400, *words)
 
 
 def test_wrong_method_route_and_content_type(server):

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from ragserve.control.spec import ModelSpec, ModelType
 from ragserve.engines import ENGINES, canonical_engine_name
 from ragserve.engines.base import EngineError
+from ragserve.workers.batching import check_batch_options
 
 
 class LaunchError(Exception):
@@ -140,6 +141,7 @@ def build_spec(*, uid: Optional[str], model_name: str, model_type: str, model_en
                n_parallel: Optional[int] = None, options: Optional[dict[str, Any]] = None) -> ModelSpec:
     try:
         mtype = ModelType.parse(model_type)
+        check_batch_options(options or {})
     except ValueError as exc:
         raise LaunchError(str(exc)) from exc
     if not model_path:

@@ -69,19 +69,43 @@ class BatchSettings:
             raw = spec.options.get(name)
             if raw is None:
                 raw = os.environ.get(env)
-            if raw is None or raw == "":
-                return default
             try:
-                value = float(raw)
-            except (TypeError, ValueError):
-                log.warning("ignoring %s=%r: not a number", name, raw)
+                value = parse_batch_option(name, raw)
+            except ValueError as exc:  # only an environment value gets here: launches are checked
+                log.warning("ignoring %s", exc)
                 return default
-            return value if value >= 0 else default
+            return default if value is None else value
 
         size = int(option("batch_max_size", "RAGSERVE_BATCH_MAX_SIZE", getattr(engine, "max_batch_size", 32)))
         tokens = int(option("batch_max_tokens", "RAGSERVE_BATCH_MAX_TOKENS", DEFAULT_MAX_TOKENS))
         wait_ms = option("batch_wait_ms", "RAGSERVE_BATCH_WAIT_MS", DEFAULT_MAX_WAIT_MS)
-        return cls(max_batch_size=max(1, size), max_tokens=max(1, tokens), max_wait_s=min(wait_ms, 1000.0) / 1000)
+        return cls(max_batch_size=size, max_tokens=tokens, max_wait_s=wait_ms / 1000)
+
+
+# Launch option -> (smallest, largest) accepted value; None: no upper bound.
+BATCH_OPTION_RANGES: dict[str, tuple[float, Optional[float]]] = {
+    "batch_max_size": (1, None), "batch_max_tokens": (1, None), "batch_wait_ms": (0, 1000)}
+
+
+def parse_batch_option(name: str, raw: Any) -> Optional[float]:
+    """The value of one batching option, None when unset; ValueError naming the option and its range."""
+    if raw is None or raw == "":
+        return None
+    low, high = BATCH_OPTION_RANGES[name]
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value >= low and (high is None or value <= high)):
+        bounds = f"from {low:g} to {high:g}" if high is not None else f"{low:g} or more"
+        raise ValueError(f"{name}={raw!r}: it must be a number {bounds}")
+    return value
+
+
+def check_batch_options(options: dict[str, Any]) -> None:
+    """Raise ValueError for a batching launch option that is not a number in its range."""
+    for name in BATCH_OPTION_RANGES:
+        parse_batch_option(name, options.get(name))
 
 
 @dataclass
