@@ -5,8 +5,10 @@ It speaks the subset of both HTTP APIs that `huggingface_hub` and `modelscope_hu
 answers each hub gives), so tests point the libraries at it through their own endpoint variables
 (HF_ENDPOINT, MODELSCOPE_ENDPOINT) and nothing is mocked on the client side.
 
-Failure injection, per repo file: `drop_after` (close the connection mid-body), `corrupt` (flip a
-byte, same length), `stall_after` (hold the connection until released, for kill-and-resume tests).
+A repo may list hostile file names (`../../x`, absolute paths): the fake serves them like any file, as
+a malicious mirror would, so tests see what a client writes. Failure injection, per repo file:
+`drop_after` (close the connection mid-body), `corrupt` (flip a byte, same length), `stall_after`
+(hold the connection until released, for kill-and-resume tests).
 Every request is recorded so tests can assert what the libraries asked for (e.g. a Range).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import posixpath
 import socket
 import threading
 import time
@@ -351,6 +354,20 @@ class FakeHub:
                 return JSONResponse({"Code": 10010205003, "Message": f"file {FilePath} not found",
                                      "Success": False}, status_code=404)
             return hub._serve(f, request, {"Accept-Ranges": "bytes"})
+
+        # ---------------- a hostile hub or mirror ----------------
+        @app.api_route("/{rest:path}", methods=["GET", "HEAD"])
+        def hf_resolve_folded(rest: str, request: Request):
+            """A listed name such as `../../x` reaches the hub as a URL whose dot segments the client's URL
+            library folded away (…/resolve/main/../../x -> /x); a hostile hub answers it all the same."""
+            for repo in hub.repos.values():
+                for path, f in repo.files.items():
+                    for revision in (repo.commit, HF_DEFAULT_REVISION):
+                        if posixpath.normpath(f"/{repo.repo_id}/resolve/{revision}/{path}") == "/" + rest:
+                            headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{f.git_oid}"',
+                                       "Accept-Ranges": "bytes"}
+                            return hub._serve(f, request, headers)
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
 
         return app
 

@@ -281,3 +281,81 @@ def test_cli_pull_and_models(hub, tmp_path):
     assert GGUF_REPO in result.output and "5.0 MB" in result.output and "huggingface" in result.output
     listed = json.loads(runner.invoke(app, ["models", "--home", home, "--json"]).output)
     assert listed[0]["gguf"] == ["SmolLM2-135M-Instruct-Q8_0.gguf"] and listed[0]["size"] == 5_000_000
+
+
+# --- a hostile listing: no file may land outside the model folder ------------------------------
+EVIL_REPO = "evil-mirror/model"
+# home/models/<source>/evil-mirror/model/ + five levels up = tmp_path, outside the home.
+ESCAPE = "../../../../../escaped-rel.txt"
+
+
+def hostile_names(tmp_path: Path) -> dict[str, str]:
+    return {"relative": ESCAPE, "absolute": str(tmp_path / "escaped-abs.txt"),
+            "nested": "onnx/../../../../../../escaped-rel.txt", "backslash": "..\\..\\..\\..\\..\\escaped-bs.txt",
+            "nul": "weights\0.bin", "manifest": ".ragserve-pull.json"}
+
+
+@pytest.fixture
+def evil_payload(tmp_path_factory) -> Path:
+    payload = tmp_path_factory.mktemp("payload") / "payload.txt"
+    payload.write_text("written by a hostile hub\n")
+    return payload
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("kind", ["relative", "absolute", "nested", "backslash", "nul", "manifest"])
+def test_hostile_file_name_fails_the_pull_before_any_write(hub, tmp_path, evil_payload, source, kind):
+    bad = hostile_names(tmp_path)[kind]
+    hub.add_repo(EVIL_REPO, {"config.json": evil_payload, bad: evil_payload, "tokenizer.json": evil_payload})
+    home = resolve_home(tmp_path / "home")
+    try:
+        err = pull_error(home, EVIL_REPO, source=source)
+    finally:
+        hub.repos.pop(EVIL_REPO)
+    assert err.kind == "unsafe_listing"
+    assert repr(bad) in err.message and EVIL_REPO in err.message and "unsafe" in err.message
+    assert ("MODELSCOPE_ENDPOINT" if source == "modelscope" else "HF_ENDPOINT") in err.message
+    fetched = [r.path for r in hub.requests if r.query.get("FilePath") or "/resolve/" in r.path
+               or r.path.startswith("/cdn/") or "escaped" in r.path]
+    assert not fetched, f"files were downloaded before the refusal: {fetched}"
+    escaped = sorted(str(p) for p in tmp_path.parent.rglob("*escaped*"))
+    assert escaped == [], f"written outside the model folder: {escaped}"
+    assert list(home.models.iterdir()) == [], "the pull wrote into the store before refusing"
+
+
+@pytest.mark.parametrize("revision", ["../../../../x", "main/../../x", "a\\b", "v1\0", "-rf"])
+def test_revision_cannot_traverse(hub, home, revision):
+    err = pull_error(home, source="huggingface", revision=revision)
+    assert err.kind == "bad_id" and repr(revision) in err.message and "--revision" in err.message
+    assert not hub.requests and list(home.models.iterdir()) == []
+
+
+# --- the store tells the truth ---------------------------------------------------------------
+def test_models_reports_files_truncated_or_deleted_since_the_pull(hub, tmp_path):
+    from ragserve.cli.main import app
+
+    runner = CliRunner()
+    home = resolve_home(tmp_path / "home")
+    path = pull(home, GGUF_REPO, source="huggingface", quant="Q5_K_M")  # 3 MB
+    with path.open("r+b") as fh:
+        fh.truncate(1_200_000)
+
+    shown = runner.invoke(app, ["models", "--home", str(home.root)], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0, shown.output
+    assert "incomplete: 1 file truncated (SmolLM2-135M-Instruct-Q5_K_M.gguf: 1.2 of 3.0 MB)" in shown.output
+    assert "complete " not in shown.output.replace("incomplete", "")
+    assert f"ragserve pull {GGUF_REPO} --source huggingface --file SmolLM2-135M-Instruct-Q5_K_M.gguf" in shown.output
+    [listed] = json.loads(runner.invoke(app, ["models", "--home", str(home.root), "--json"]).output)
+    assert listed["status"] == "incomplete" and "truncated" in listed["problem"]
+
+    path.unlink()
+    [listed] = json.loads(runner.invoke(app, ["models", "--home", str(home.root), "--json"]).output)
+    assert listed["problem"] == "1 file missing (SmolLM2-135M-Instruct-Q5_K_M.gguf)"
+
+    # The command it names fixes it.
+    fixed = runner.invoke(app, ["pull", GGUF_REPO, "--home", str(home.root), "--source", "huggingface", "--file",
+                                "SmolLM2-135M-Instruct-Q5_K_M.gguf", "--quiet"])
+    assert fixed.exit_code == 0, fixed.output
+    [listed] = json.loads(runner.invoke(app, ["models", "--home", str(home.root), "--json"]).output)
+    assert (listed["status"], listed["problem"]) == ("complete", None)
+    assert sha256(path) == sha256(smollm_gguf(), 3_000_000)

@@ -85,3 +85,24 @@ def test_gguf_pick():
     with pytest.raises(HubError) as err:
         pick_files("o/r", SIZES, quant=None, filename="nope.gguf")
     assert err.value.kind == "file_not_found" and "Reranker-4B-Q8_0.gguf" in err.value.message
+
+
+@pytest.mark.parametrize("text", ["../x", "org/..", "org/../x", "hf:../x", "ms:org/..", "/etc/passwd", "org/.",
+                                  "org\\name", "org/na\0me", "..\\..\\x"])
+def test_ids_that_could_traverse_are_not_hub_ids(text):
+    assert not looks_like_hub_id(text)
+    with pytest.raises(HubError) as err:
+        parse_hub_id(text)
+    assert err.value.kind == "bad_id"
+
+
+def test_store_folder_stays_in_the_store(tmp_path):
+    from ragserve.hub import model_dir
+    from ragserve.settings import resolve_home
+
+    home = resolve_home(tmp_path / "home")
+    assert model_dir(home, "huggingface", "org/name", "refs/pr/1") == home.models / "huggingface/org/name@refs--pr--1"
+    for source, repo_id in (("huggingface", "../../x"), ("../..", "org/name"), ("modelscope", "org/..")):
+        with pytest.raises(HubError) as err:
+            model_dir(home, source, repo_id)
+        assert err.value.kind == "bad_id"

@@ -88,7 +88,7 @@ def models(
         table.add_column(column, justify="right" if column in ("size", "files") else "left",
                          overflow="fold")
     for m in stored:
-        status = m.status if not m.partial_size else f"{m.status} (+{human_size(m.partial_size)} partial)"
+        status = m.status_detail if not m.partial_size else f"{m.status} (+{human_size(m.partial_size)} partial)"
         model = m.model_id + "".join(f"\n  {name}" for name in m.gguf)
         try:
             where = str(m.path.relative_to(resolved_home.models))
@@ -98,3 +98,7 @@ def models(
     console.print(table)
     total = sum(m.size for m in stored)
     console.print(f"{len(stored)} model(s), {human_size(total)} in total")
+    for m in stored:
+        if m.problem:
+            console.print(f"[yellow]{m.model_id}[/] changed since it was pulled; re-run `{m.repull}` to download "
+                          "the files again", highlight=False)

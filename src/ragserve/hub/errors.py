@@ -8,7 +8,7 @@ class HubError(Exception):
 
     `kind` lets callers (the `launch` path, tests) branch without parsing the message:
     not_found, revision_not_found, file_not_found, unreachable, offline, checksum,
-    ambiguous_quant, no_gguf, missing_library, bad_id, download_failed.
+    ambiguous_quant, no_gguf, missing_library, bad_id, download_failed, unsafe_listing.
     """
 
     def __init__(self, message: str, *, kind: str = "error", suggestions: list[str] | None = None):

@@ -43,6 +43,11 @@ def quant_of(path: str) -> str | None:
     return found[-1].upper() if found else None
 
 
+def split_key(path: str) -> str:
+    """The name the parts of a split GGUF share (a file's own name for anything else)."""
+    return _SPLIT_RE.sub("", path[: -len(".gguf")]) if is_gguf(path) else path
+
+
 def gguf_choices(sizes: dict[str, int | None]) -> list[GgufChoice]:
     """Group a repo's .gguf files into choices: one per file, split parts together."""
     groups: dict[str, GgufChoice] = {}

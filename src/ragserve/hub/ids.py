@@ -62,6 +62,22 @@ def parse_hub_id(text: str) -> HubId:
     return HubId(repo_id=raw, source=source)
 
 
+# Branches, tags (refs/pr/1, v1.0) and commits: git's ref rules, narrowed to what both hubs use.
+_REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(?:/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
+
+
+def check_revision(revision: str | None) -> str | None:
+    """A revision goes into a URL and into the store's folder name: refuse anything but a plain ref."""
+    if revision is None or revision == "":
+        return None
+    if (not isinstance(revision, str) or len(revision) > 200 or not _REVISION_RE.match(revision)
+            or ".." in revision or revision.endswith((".", ".lock"))):
+        raise HubError(f"revision {revision!r} is not a branch, tag or commit name (letters, digits, '.', '_', "
+                       "'-', '+' and '/' between names; no '..', control characters or backslashes): drop "
+                       "--revision for the default branch, or give a real one", kind="bad_id")
+    return revision
+
+
 def looks_like_hub_id(text: str) -> bool:
     """True for `org/name` (optionally `hf:`/`ms:` prefixed) that is not an existing local path."""
     if not text or text.startswith((".", "/", "~")) or "\\" in text:

@@ -8,9 +8,10 @@ from typing import Callable
 
 from ragserve.hub.errors import HubError
 from ragserve.hub.gguf import is_gguf, pick_files
-from ragserve.hub.ids import choose_source, parse_hub_id
+from ragserve.hub.ids import check_revision, choose_source, parse_hub_id
 from ragserve.hub.sources import HubSource, Listing, RemoteFile, make_source
-from ragserve.hub.store import model_dir, now, read_manifest, write_manifest
+from ragserve.hub.store import (is_inside, model_dir, now, read_manifest, size_problems, unsafe_name_reason,
+                                write_manifest)
 from ragserve.settings import Home
 
 Log = Callable[[str], None]
@@ -30,6 +31,7 @@ def pull_model(model_id: str, home: Home, *, source: str | None = None, revision
     """
     say = log or (lambda _msg: None)
     hub_id = parse_hub_id(model_id)
+    revision = check_revision(revision)
     source_name = choose_source(source, hub_id)
     src = make_source(source_name, home)
     dest = model_dir(home, source_name, hub_id.repo_id, revision)
@@ -46,6 +48,7 @@ def pull_model(model_id: str, home: Home, *, source: str | None = None, revision
     if not listing.files:
         raise HubError(f"{hub_id.repo_id} exists on {src.label} but has no files at this revision",
                        kind="not_found")
+    _refuse_unsafe_names(listing, hub_id.repo_id, src, dest)
 
     chosen = pick_files(hub_id.repo_id, listing.sizes(), quant=quant, filename=filename)
     selected = [listing.files[p] for p in (chosen if chosen is not None else sorted(listing.files))]
@@ -90,6 +93,21 @@ def pull_model(model_id: str, home: Home, *, source: str | None = None, revision
         "files": recorded, "gguf": gguf,
     })
     return dest / chosen[0] if chosen else dest
+
+
+def _refuse_unsafe_names(listing: Listing, repo_id: str, src: HubSource, dest: Path) -> None:
+    """Every name the hub lists becomes a path under `dest`: one that could land elsewhere (`../`, an
+    absolute path, a backslash, NUL) fails the whole pull before anything is written."""
+    for name, remote in sorted(listing.files.items()):
+        reason = unsafe_name_reason(name) or unsafe_name_reason(remote.path)
+        if reason is None and not is_inside(dest, dest / remote.path):
+            reason = "it resolves outside the model folder through a symbolic link"
+        if reason:
+            raise HubError(
+                f"the {src.label} listing of {repo_id} is unsafe: it names the file {name!r}, and {reason}, so it "
+                f"could be written outside the model folder {dest}. Nothing was downloaded. A genuine hub never "
+                f"lists such a name: check the hub or mirror you use ({src.endpoint_env}={src.endpoint()})",
+                kind="unsafe_listing")
 
 
 def _still_verified(dest: Path, remote: RemoteFile, entry: dict | None) -> bool:
@@ -154,16 +172,19 @@ def _complete_local_copy(repo_id: str, dest: Path, *, quant: str | None, filenam
     manifest = read_manifest(dest)
     if not manifest or not manifest.get("complete"):
         return None
-    sizes = {p: e.get("size") for p, e in (manifest.get("files") or {}).items() if (dest / p).is_file()}
+    recorded = {p: e for p, e in (manifest.get("files") or {}).items() if not unsafe_name_reason(p)}
+    sizes = {p: e.get("size") for p, e in recorded.items()}
     if not sizes:
         return None
     try:
         chosen = pick_files(repo_id, sizes, quant=quant, filename=filename)
     except HubError:
         return None
+    # A file truncated or deleted since the pull is not a copy to fall back on.
+    changed = {name for name, _have, _want in size_problems(dest, recorded)}
     if chosen is None:
-        return dest if manifest.get("selection") == "all" else None
-    return dest / chosen[0]
+        return dest if manifest.get("selection") == "all" and not changed else None
+    return None if changed & set(chosen) else dest / chosen[0]
 
 
 def human_size(size: float) -> str:
