@@ -152,6 +152,9 @@ def build_spec(*, uid: Optional[str], model_name: str, model_type: str, model_en
         raise LaunchError(f"model path {path} does not exist: check the path (it is read on the server's machine); "
                           f"for a hub model run `ragserve pull ORG/NAME` first or pass the hub ID")
     path = path.resolve()
+    from ragserve.hub.store import launch_problem  # a pulled model whose files changed size since the pull:
+    if problem := launch_problem(path):            # say which and how to fix, not a load failure in the worker
+        raise LaunchError(problem)
     fmt = detect_format(path)
     if model_format and model_format.lower() not in (fmt, "ggufv2", "ggmlv3") and not (
             model_format.lower() == "pytorch" and fmt == "safetensors"):
