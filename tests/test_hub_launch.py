@@ -79,7 +79,8 @@ def test_launch_by_hub_id_of_a_hostile_listing_is_refused_and_writes_nothing_out
         fake.stop()
     assert sorted(p.name for p in tmp_path.rglob("*escaped*")) == []
     assert not any((home / "models").iterdir())
-    assert not [r.path for r in fake.requests if r.query.get("FilePath") or "/resolve/" in r.path or "escaped" in r.path]
+    fetched = [r.path for r in fake.requests if r.query.get("FilePath") or "/resolve/" in r.path or "escaped" in r.path]
+    assert not fetched, f"files were downloaded before the refusal: {fetched}"
 
 
 def test_launch_of_a_pulled_model_truncated_since_is_refused_with_the_fix(tmp_path, hub, monkeypatch):

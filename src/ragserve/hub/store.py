@@ -215,8 +215,9 @@ class StoredModel:
 
     def to_dict(self) -> dict:
         return {"source": self.source, "model_id": self.model_id, "path": str(self.path), "size": self.size,
-                "files": self.files, "status": self.status, "problem": self.problem, "repull": self.repull, "revision": self.revision,
-                "gguf": self.gguf, "pulled_at": self.pulled_at, "partial_size": self.partial_size}
+                "files": self.files, "status": self.status, "problem": self.problem, "repull": self.repull,
+                "revision": self.revision, "gguf": self.gguf, "pulled_at": self.pulled_at,
+                "partial_size": self.partial_size}
 
 
 def describe(folder: Path, source: str, model_id: str) -> StoredModel:
