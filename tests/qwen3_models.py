@@ -49,6 +49,15 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Qwen3-*-Thinking-2507 style: the generation prompt itself opens the think block, so the
+# model's output starts with reasoning and holds only the closing tag.
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+
 _WORDS = (
     "yes no the a of to and in is was for on that with as it by at from this be are or an have not "
     "which one all were they but their has more been its when there who can what will about if out "
@@ -137,13 +146,15 @@ def _config(vocab_size: int, *, initializer_range: float, tie: bool, **extra):
 
 
 def build_model(folder: Path, *, kind: str, seed: int = 0, append_eos: bool = False) -> Path:
-    """Write a tiny Qwen3 folder. kind: 'chat' | 'embedding' | 'reranker'.
+    """Write a tiny Qwen3 folder. kind: 'chat' | 'thinking' | 'embedding' | 'reranker'.
 
     The chat model is random except for a planted bigram chain, so greedy decoding after
     "assistant\\n" says "<think>hmm</think>Paris<|im_end|>" and after an empty think block
     says "Paris<|im_end|>": the reasoning split is then tested on text the model really
-    generated. Embedding and reranker weights are plain random draws (wider than the
-    default init so that scores spread out and a wrong rule shows).
+    generated. The 'thinking' model has THINKING_TEMPLATE (the prompt ends in "<think>\\n") and
+    a chain that continues it with "hmm</think>Paris<|im_end|>", as Qwen3 thinking models do.
+    Embedding and reranker weights are plain random draws (wider than the default init so that
+    scores spread out and a wrong rule shows).
     """
     import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
@@ -153,24 +164,33 @@ def build_model(folder: Path, *, kind: str, seed: int = 0, append_eos: bool = Fa
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab_size = len(tokenizer)
     torch.manual_seed(seed)
-    init = {"chat": 0.02, "embedding": 0.2, "reranker": 0.3}[kind]
+    init = {"chat": 0.02, "thinking": 0.02, "embedding": 0.2, "reranker": 0.3}[kind]
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = _config(vocab_size, initializer_range=init, tie=(kind != "chat"))
+    chat = kind in ("chat", "thinking")
+    config = _config(vocab_size, initializer_range=init, tie=not chat)
     config.eos_token_id = endoftext if kind == "embedding" else im_end
     config.pad_token_id = endoftext
     model = Qwen3ForCausalLM(config).eval()
-    if kind == "chat":
-        _plant_chain(model, tokenizer)
+    if chat:
+        _plant_chain(model, tokenizer, THINKING_CHAIN if kind == "thinking" else CHAT_CHAIN)
     model.save_pretrained(folder, safe_serialization=True)
-    if kind == "chat":
+    if kind == "thinking":
+        tokenizer.chat_template = THINKING_TEMPLATE
+        tokenizer.save_pretrained(folder)
+    if chat:
         generation = {"eos_token_id": [im_end, endoftext], "pad_token_id": endoftext,
                       "do_sample": True, "temperature": 0.6, "top_p": 0.95}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return folder
 
 
-def _plant_chain(model, tokenizer) -> None:
+CHAT_CHAIN = [("\n", "<think>"), ("<think>", "hmm"), ("hmm", "</think>"), ("</think>", "Paris"),
+              ("\n\n", "Paris"), ("Paris", "<|im_end|>")]
+THINKING_CHAIN = [("\n", "hmm"), ("hmm", "</think>"), ("</think>", "Paris"), ("Paris", "<|im_end|>")]
+
+
+def _plant_chain(model, tokenizer, chain) -> None:
     import torch
 
     def one(text: str) -> int:
@@ -178,8 +198,6 @@ def _plant_chain(model, tokenizer) -> None:
         assert len(ids) == 1, (text, ids)
         return ids[0]
 
-    chain = [("\n", "<think>"), ("<think>", "hmm"), ("hmm", "</think>"), ("</think>", "Paris"),
-             ("\n\n", "Paris"), ("Paris", "<|im_end|>")]
     with torch.no_grad():
         embed = model.model.embed_tokens.weight
         head = model.lm_head.weight
@@ -205,6 +223,72 @@ def build_all(root: Path) -> dict[str, Path]:
                                      append_eos=True),
         "reranker": build_model(root / "Qwen3-Reranker-Tiny", kind="reranker", seed=4),
     }
+
+
+# --- The official repos' file layouts ---------------------------------------------------------
+#
+# Qwen/Qwen3-Embedding-4B ships, besides config.json (Qwen3ForCausalLM), tokenizer files and
+# sharded safetensors: modules.json (Transformer -> Pooling -> Normalize), 1_Pooling/config.json
+# (last-token pooling), config_sentence_transformers.json (the query prompt). Qwen/Qwen3-Reranker-4B
+# ships the sentence-transformers >= 5.4 CrossEncoder files: modules.json (Transformer ->
+# LogitScore), 1_LogitScore/config.json (ids of "yes" and "no"), sentence_bert_config.json
+# (text-generation task), config_sentence_transformers.json and chat_template.jinja.
+
+EMBEDDING_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def official_layout(source: Path, folder: Path, *, kind: str) -> Path:
+    """Copy a tiny 'embedding' or 'reranker' folder into the official repo's file set."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="200KB")  # model-0000x-of-0000n
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    tokenizer_data = json.loads((source / "tokenizer.json").read_text())
+    _write_json(folder / "vocab.json", tokenizer_data["model"]["vocab"])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_data["model"]["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "README.md").write_text(f"# {folder.name} (tiny random weights for tests)\n")
+    if kind == "embedding":
+        _write_json(folder / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        _write_json(folder / "1_Pooling" / "config.json", {
+            "word_embedding_dimension": model.config.hidden_size, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": True, "include_prompt": True})
+        _write_json(folder / "config_sentence_transformers.json", {
+            "prompts": {"query": EMBEDDING_QUERY_PROMPT, "document": ""},
+            "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        _write_json(folder / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_LogitScore",
+             "type": "sentence_transformers.cross_encoder.modules.logit_score.LogitScore"}])
+        _write_json(folder / "1_LogitScore" / "config.json", {
+            "true_token_id": tokenizer.convert_tokens_to_ids("yes"),
+            "false_token_id": tokenizer.convert_tokens_to_ids("no")})
+        _write_json(folder / "sentence_bert_config.json", {"transformer_task": "text-generation",
+                                                          "module_output_name": "causal_logits"})
+        _write_json(folder / "config_sentence_transformers.json", {
+            "model_type": "CrossEncoder",
+            "prompts": {"query": "Given a web search query, retrieve relevant passages that answer the query"},
+            "default_prompt_name": "query"})
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return folder
 
 
 # --- GGUF ------------------------------------------------------------------------------------
@@ -331,3 +415,29 @@ def ensure_models(base: Path) -> dict[str, Path]:
         write_gguf(paths["reranker"], paths["reranker_gguf_rank"], classifier_head=True)
         done.write_text("ok")
     return paths
+
+
+def ensure_layout_models(base: Path) -> dict[str, Path]:
+    """The official repos' layouts (under the official names and under a neutral hub-cache snapshot
+    name) and the thinking chat model with its GGUF conversion; built once per test session."""
+    paths = ensure_models(base)
+    root = base / "qwen3-tiny" / "layouts"
+    snapshot = "models--Org--Mirror/snapshots/" + "0123456789abcdef" * 2
+    extra = {
+        "embedding_official": root / "Qwen3-Embedding-4B",
+        "reranker_official": root / "Qwen3-Reranker-4B",
+        "embedding_neutral": root / "embedder" / snapshot,
+        "reranker_neutral": root / "reranker" / snapshot,
+        "thinking": root / "Qwen3-Tiny-Thinking",
+        "thinking_gguf": root / "gguf" / "Qwen3-Tiny-Thinking-f32.gguf",
+    }
+    done = root / ".complete"
+    if not done.exists():
+        for kind in ("embedding", "reranker"):
+            official_layout(paths[kind], extra[f"{kind}_official"], kind=kind)
+            official_layout(paths[kind], extra[f"{kind}_neutral"], kind=kind)
+        build_model(extra["thinking"], kind="thinking", seed=5)
+        extra["thinking_gguf"].parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(extra["thinking"], extra["thinking_gguf"])
+        done.write_text("ok")
+    return {**paths, **extra}

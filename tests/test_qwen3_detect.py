@@ -33,8 +33,8 @@ QWEN3_CAUSAL = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
 def test_tiny_folders_are_recognised(models):
     chat, emb, rr = (qwen3.detect_hf_folder(models[k]) for k in ("chat", "embedding", "reranker"))
     assert (chat["family"], chat["suggested_type"], chat["rule"]) == ("qwen3", "LLM", "chat")
-    assert (emb["family"], emb["suggested_type"], emb["rule"]) == ("qwen3", "embedding", "last_token")
-    assert (rr["family"], rr["suggested_type"], rr["rule"]) == ("qwen3", "rerank", "yes_no")
+    assert (emb["family"], emb["suggested_type"], emb["rule"]) == ("qwen3-embedding", "embedding", "last_token")
+    assert (rr["family"], rr["suggested_type"], rr["rule"]) == ("qwen3-reranker", "rerank", "yes_no")
 
 
 def test_markers_other_than_the_name(tmp_path):
@@ -83,12 +83,16 @@ def test_gguf_rerank_mode_from_metadata(models):
 
 
 def test_gguf_yes_no_ids_match_the_hf_tokenizer(models):
+    """The ids the llama.cpp engine scores with are the HF tokenizer's "yes" and "no"."""
     from transformers import AutoTokenizer
 
+    from ragserve.engines.llama_cpp import _read_gguf_metadata
+
     tokenizer = AutoTokenizer.from_pretrained(models["reranker"])
-    expected = (tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no"))
-    assert qwen3.gguf_yes_no_token_ids(models["reranker_gguf_plain"]) == expected
-    assert qwen3.gguf_yes_no_token_ids(models["reranker_gguf_rank"]) == expected
+    expected = {"yes": tokenizer.convert_tokens_to_ids("yes"), "no": tokenizer.convert_tokens_to_ids("no")}
+    for kind in ("plain", "rank"):
+        ids = _read_gguf_metadata(str(models[f"reranker_gguf_{kind}"]))["token_ids"]
+        assert {"yes": ids["yes"], "no": ids["no"]} == expected
 
 
 def test_rank_gguf_without_name_hint_is_still_rank(models, tmp_path):
@@ -124,7 +128,10 @@ def test_converted_gguf_reproduces_reference_in_llama_cpp(models, kind):
             got = {r["index"]: r["relevance_score"] for r in result["results"]}
             scores = [got[0], got[1]]
         else:
-            yes, no = qwen3.gguf_yes_no_token_ids(models["reranker_gguf_plain"])
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(models["reranker"])  # the conversion keeps the ids
+            yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
             scores = []
             for doc in docs:
                 # Raw log-probabilities of the first generated token over the whole vocabulary.

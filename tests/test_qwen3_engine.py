@@ -146,9 +146,9 @@ def test_sampling_seed_is_reproducible(chat):
 
 
 def test_wrong_model_type_is_a_clear_error(models):
-    with pytest.raises(EngineError, match="Qwen3 embedding model.*--model-type embedding"):
+    with pytest.raises(EngineError, match="qwen3-embedding model.*--model-type embedding"):
         load(spec(models["embedding"], ModelType.RERANK))
-    with pytest.raises(EngineError, match="Qwen3 rerank model.*--model-type rerank"):
+    with pytest.raises(EngineError, match="qwen3-reranker model.*--model-type rerank"):
         load(spec(models["reranker"], ModelType.EMBEDDING))
     with pytest.raises(EngineError, match="llama.cpp"):
         load(spec(models["reranker_gguf_plain"], ModelType.RERANK))

@@ -81,11 +81,9 @@ def launch(
     home = home_from(home_opt)
     options = _parse_extra(list(ctx.args))
     if model_path and not os.path.exists(os.path.expanduser(model_path)):
-        try:
-            from ragserve.hub import HubError, looks_like_hub_id, pull_model
-        except ImportError:
-            looks_like_hub_id = None  # type: ignore[assignment]
-        if looks_like_hub_id and looks_like_hub_id(model_path):
+        from ragserve.hub import HubError, looks_like_hub_id, pull_model
+
+        if looks_like_hub_id(model_path):
             try:
                 model_path = str(pull_model(model_path, home, source=source, revision=revision,
                                             quant=quantization, filename=gguf_file))
@@ -111,13 +109,15 @@ def list_models(endpoint: Optional[str] = EndpointOption, api_key: Optional[str]
     if not models:
         console.print("no models are running: launch one with `ragserve launch` or `ragserve up`")
         return
-    table = Table("UID", "Type", "Engine", "State", "Path / error")
+    table = Table("UID", "Type", "Engine", "State", "Rule", "Path / error")
     colors = {"ready": "green", "loading": "yellow", "restarting": "yellow", "failed": "red"}
     for model in models:
         state = model["state"]
         detail = model["error"] if state == "failed" else model["model_path"]
+        # The model family's rule in force (e.g. Qwen3-Embedding's pooling and query instruction), from the worker.
+        rule = (model.get("info") or {}).get("rule") or ""
         table.add_row(model["id"], model["model_type"], model["model_engine"],
-                      f"[{colors.get(state, 'white')}]{state}[/]", detail or "")
+                      f"[{colors.get(state, 'white')}]{state}[/]", rule, detail or "")
     console.print(table)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ragserve.control.spec import ModelSpec, ModelType
-from ragserve.engines import ENGINES, canonical_engine_name
+from ragserve.engines import ENGINES, canonical_engine_name, qwen3
 from ragserve.engines.base import EngineError
 from ragserve.workers.batching import check_batch_options
 
@@ -86,14 +86,11 @@ def folder_kind(path: Path) -> dict[str, Any]:
         "suggested_type": None,
         "family": None,
     }
-    try:  # Qwen3 embedding / reranker rules (ragserve.engines.qwen3)
-        from ragserve.engines import qwen3
-
-        detect = getattr(qwen3, "detect_hf_folder", None)
-        if detect:
-            kind.update({k: v for k, v in (detect(path) or {}).items() if v is not None})
-    except ImportError:
-        pass
+    try:  # Qwen3 embedding / reranker / chat rules: one family vocabulary (ragserve.engines.qwen3.Family)
+        detected = qwen3.detect_hf_folder(path)
+    except ValueError as exc:  # a damaged config or sentence-transformers file, named in the message
+        raise LaunchError(str(exc)) from exc
+    kind.update({k: v for k, v in detected.items() if v is not None})
     if kind["suggested_type"] is None:
         if kind["sequence_classification"]:  # cross-encoders may also carry modules.json
             kind["suggested_type"] = ModelType.RERANK
@@ -121,7 +118,7 @@ def _check_type_fits_folder(model_type: ModelType, kind: dict[str, Any], path: P
 def choose_engine(model_type: ModelType, model_format: str, kind: dict[str, Any]) -> str:
     if model_format == "gguf":
         return "llama.cpp"
-    if kind.get("family") in ("qwen3-embedding", "qwen3-reranker"):
+    if kind.get("family") in _TORCH_RULE_FAMILIES:
         return "transformers"  # their pooling / yes-no rules live in the transformers engine
     if model_type in (ModelType.EMBEDDING, ModelType.RERANK) and (kind["sentence_transformers"]
                                                                    or kind["sequence_classification"]):
@@ -129,6 +126,19 @@ def choose_engine(model_type: ModelType, model_format: str, kind: dict[str, Any]
     if model_type == ModelType.LLM and ENGINES["vllm"].missing_packages() == [] and _cuda_visible():
         return "vllm"
     return "transformers"
+
+
+# Families whose rules (query-only instruction, MRL `dimensions`, yes/no judging prompt) the
+# sentence-transformers engine does not apply: launching them there would serve wrong results.
+_TORCH_RULE_FAMILIES = (qwen3.Family.EMBEDDING, qwen3.Family.RERANKER)
+
+
+def _check_engine_fits_family(engine: str, kind: dict[str, Any], path: Path) -> None:
+    family = kind.get("family")
+    if engine == "sentence_transformers" and family in _TORCH_RULE_FAMILIES:
+        raise LaunchError(f"{path} is a {family.value} model ({kind.get('reason')}); the sentence_transformers engine "
+                          f"does not apply its rules ({qwen3.rule_text(family)}): use --model-engine transformers "
+                          f"(or vllm), or leave --model-engine out")
 
 
 def _cuda_visible() -> bool:
@@ -168,6 +178,7 @@ def build_spec(*, uid: Optional[str], model_name: str, model_type: str, model_en
         engine = canonical_engine_name(model_engine) if model_engine else choose_engine(mtype, fmt, kind)
     except EngineError as exc:
         raise LaunchError(str(exc)) from exc
+    _check_engine_fits_family(engine, kind, path)
     info = ENGINES[engine]
     if fmt not in info.formats:
         if fmt == "gguf":

@@ -88,6 +88,21 @@ class LLMEngine(Engine):
     def generate(self, request: GenerationRequest) -> Iterator[GenerationDelta]:
         """Yield text as it is produced; the final delta has finish_reason and usage."""
 
+    def render_prompt(self, request: GenerationRequest) -> str:
+        """The text the model continues: the chat template applied to the messages, or the raw prompt."""
+        raise NotImplementedError(f"{type(self).__name__} must render prompts so that reasoning opened by the "
+                                  "chat template is known (see ragserve.engines.reasoning)")
+
+    def opens_reasoning(self, request: GenerationRequest) -> bool:
+        """Whether the chat template leaves `<think>` open, so the output starts inside reasoning.
+
+        Decided here for every engine, from the prompt the engine renders (Qwen3 thinking
+        models, QwQ and R1 distills end their generation prompt with `<think>`).
+        """
+        from ragserve.engines.reasoning import prompt_opens_reasoning
+
+        return request.messages is not None and prompt_opens_reasoning(self.render_prompt(request))
+
 
 class EmbeddingEngine(Engine):
     model_type = ModelType.EMBEDDING

@@ -13,6 +13,7 @@ Rerank has two rules, picked from the GGUF metadata (override: options.rerank_mo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -34,25 +35,41 @@ _YES_NO_BIAS = 100.0
 
 
 def _read_gguf_metadata(path: str) -> dict[str, Any]:
-    """Architecture, pooling, classifier head and vocabulary facts from the GGUF header."""
-    from ragserve.engines.gguf_meta import read_gguf_header
+    """GGUF facts (ragserve.engines.gguf_meta), the Qwen3 family, and the ids of "yes"/"no"."""
+    facts = qwen3.gguf_info(path, tokens=True)
+    tokens = facts.get("tokens") or []
+    facts["token_ids"] = {tok: i for i, tok in enumerate(tokens) if tok in ("yes", "no", "\u0120yes", "\u0120no")}
+    return facts
 
-    fields, tensors = read_gguf_header(path, keep_arrays=("tokenizer.ggml.tokens",))
-    arch = fields.get("general.architecture") or ""
-    tokens = fields.get("tokenizer.ggml.tokens") or []
-    cls_shape = tensors.get("cls.output.weight")
-    return {
-        "architecture": arch,
-        "name": fields.get("general.name"),
-        "context_length": fields.get(f"{arch}.context_length"),
-        "embedding_length": fields.get(f"{arch}.embedding_length"),
-        "pooling_type": fields.get(f"{arch}.pooling_type"),
-        "has_classifier": any(name.startswith("cls.") for name in tensors),
-        "classifier_outputs": (cls_shape[1] if cls_shape and len(cls_shape) > 1 else 1) if cls_shape else None,
-        "has_chat_template": "tokenizer.chat_template" in fields,
-        "has_rerank_template": "tokenizer.chat_template.rerank" in fields,
-        "token_ids": {tok: i for i, tok in enumerate(tokens) if tok in ("yes", "no", "Ġyes", "Ġno")},
-    }
+
+def _special_token(metadata: dict[str, Any], which: str) -> str:
+    """The text of the bos/eos token, as llama.cpp hands it to the chat template."""
+    index = metadata["fields"].get(f"tokenizer.ggml.{which}_token_id")
+    tokens = metadata.get("tokens") or []
+    return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
+
+
+def render_chat_template(template: str, messages: list[dict[str, Any]], *, bos_token: str, eos_token: str,
+                         **kwargs: Any) -> str:
+    """The prompt a jinja chat template gives for `messages` with the generation prompt, rendered as
+    llama.cpp and transformers do (sandboxed jinja, trim_blocks/lstrip_blocks, raise_exception)."""
+    import datetime
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos_token,
+                                                eos_token=eos_token, **kwargs)
+    except TemplateError as exc:
+        raise EngineInputError(f"the chat template rejected these messages: {exc}") from exc
 
 
 def _threads(spec: ModelSpec) -> int:
@@ -72,6 +89,8 @@ def _server(spec: ModelSpec, *, n_ctx: int, n_parallel: int, embedding: bool = F
     params.cpuparams_batch.n_threads = _threads(spec)
     params.n_gpu_layers = int(spec.options.get("n_gpu_layers", -1 if _gpu_build() else 0))
     params.use_jinja = True
+    if spec.options.get("chat_template"):  # a jinja template that replaces the GGUF's own
+        params.chat_template = str(spec.options["chat_template"])
     # Keep <think> in the text: the worker splits reasoning the same way for every engine.
     params.reasoning_format = xlc.common_reasoning_format.COMMON_REASONING_FORMAT_NONE
     params.verbosity = int(spec.options.get("llama_verbosity", -1))
@@ -107,12 +126,9 @@ def _server(spec: ModelSpec, *, n_ctx: int, n_parallel: int, embedding: bool = F
 
 
 def _gpu_build() -> bool:
-    try:
-        import xllamacpp as xlc
+    import xllamacpp as xlc
 
-        return any("cuda" in str(d).lower() or "metal" in str(d).lower() for d in xlc.get_device_info())
-    except Exception:
-        return False
+    return any("cuda" in str(d).lower() or "metal" in str(d).lower() for d in xlc.get_device_info())
 
 
 def _raise_on_error(result: Any) -> dict[str, Any]:
@@ -134,16 +150,30 @@ class LlamaChatEngine(LLMEngine):
         self.max_concurrency = int(spec.n_parallel or spec.options.get("n_parallel") or LLAMA_CHAT_PARALLEL)
         trained = metadata.get("context_length") or DEFAULT_CHAT_CTX
         self.n_ctx = int(spec.n_ctx or min(int(trained), DEFAULT_CHAT_CTX))
+        self.chat_template = spec.options.get("chat_template") or metadata.get("chat_template")
+        self.bos_token, self.eos_token = _special_token(metadata, "bos"), _special_token(metadata, "eos")
         self.server = _server(spec, n_ctx=self.n_ctx, n_parallel=self.max_concurrency)
 
     def describe(self) -> dict[str, Any]:
+        family = self.metadata.get("family")
         return {"context_length": self.n_ctx, "architecture": self.metadata.get("architecture"),
-                "parallel": self.max_concurrency, "chat_template": self.metadata.get("has_chat_template")}
+                "parallel": self.max_concurrency, "chat_template": bool(self.chat_template),
+                "family": family, "rule": qwen3.rule_text(family)}
+
+    def render_prompt(self, request: GenerationRequest) -> str:
+        """The prompt llama.cpp builds from the chat template (the launch option or the GGUF's own)."""
+        if request.messages is None:
+            return request.prompt or ""
+        if not self.chat_template:
+            raise EngineInputError(f"{os.path.basename(self.spec.model_path)} has no chat template: use "
+                                   f"/v1/completions with a prompt, or a chat/instruct model")
+        return render_chat_template(self.chat_template, request.messages, bos_token=self.bos_token,
+                                    eos_token=self.eos_token, **request.chat_template_kwargs)
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
         if request.messages is not None:
-            if not self.metadata.get("has_chat_template"):
+            if not self.chat_template:
                 raise EngineInputError(f"{os.path.basename(self.spec.model_path)} has no chat template: use "
                                        f"/v1/completions with a prompt, or a chat/instruct model")
             payload["messages"] = request.messages
@@ -213,7 +243,7 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
     def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
         super().__init__(spec)
         self.metadata = metadata
-        self.family = qwen3.gguf_family(metadata)
+        self.family = metadata.get("family")
         self.supports_dimensions = self.family == "qwen3-embedding"
         trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
         self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))
@@ -227,6 +257,7 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
 
     def describe(self) -> dict[str, Any]:
         return {"dimensions": self._dimensions, "context_length": self.n_ctx, "family": self.family,
+                "rule": qwen3.rule_text(self.family), "supports_dimensions": self.supports_dimensions,
                 "architecture": self.metadata.get("architecture")}
 
     def _embed_raw(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
@@ -236,9 +267,11 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
 
     def embed(self, texts: Sequence[str], *, is_query: bool = False,
               instruction: Optional[str] = None) -> EmbeddingOutput:
-        if self.family == "qwen3-embedding" and is_query:
-            task = instruction or self.spec.options.get("embedding_task")
-            texts = [qwen3.embedding_query_text(t, task) for t in texts]
+        if self.family == qwen3.Family.EMBEDDING:
+            texts = qwen3.embedding_inputs(texts, is_query=is_query, instruction=instruction,
+                                           default_task=self.spec.options.get("embedding_task"))
+        elif instruction:  # no family rule: the instruction is a prefix, as the other engines apply it
+            texts = [f"{instruction}{t}" for t in texts]
         vectors, tokens = self._embed_raw(texts)
         return EmbeddingOutput(vectors=vectors, prompt_tokens=tokens)
 
@@ -328,11 +361,12 @@ class LlamaRerankEngine(RerankEngine):
 
 
 def load(spec: ModelSpec):
+    from ragserve.engines.gguf_meta import GGUFFormatError
+
     try:
         metadata = _read_gguf_metadata(spec.model_path)
-    except Exception as exc:
-        raise EngineError(f"{spec.model_path} is not a readable GGUF file ({exc}): check the path, or re-run "
-                          f"`ragserve pull` if the download was cut") from exc
+    except GGUFFormatError as exc:  # its message names the file and the fix
+        raise EngineError(str(exc)) from exc
     if spec.model_type == ModelType.LLM:
         return LlamaChatEngine(spec, metadata)
     if spec.model_type == ModelType.EMBEDDING:

@@ -43,8 +43,11 @@ from ragserve.engines.defaults import TORCH_MAX_LENGTH as DEFAULT_MAX_LENGTH
 
 def load(spec: ModelSpec) -> Engine:
     folder = _check_folder(spec.model_path)
-    detected = qwen3.detect_hf_folder(folder)
-    mismatch = qwen3.model_type_mismatch(folder, spec.model_type.value)
+    try:
+        detected = qwen3.detect_hf_folder(folder)
+        mismatch = qwen3.model_type_mismatch(folder, spec.model_type.value)
+    except ValueError as exc:  # a damaged config file: its message names the file and the fix
+        raise EngineError(str(exc)) from exc
     if mismatch:
         raise EngineError(mismatch)
     _configure_torch(spec)
@@ -147,7 +150,8 @@ class TransformersEmbedding(EmbeddingEngine):
         from transformers import AutoModel
 
         folder = Path(spec.model_path)
-        self.is_qwen3 = detected.get("family") == "qwen3"
+        self.family = detected.get("family")
+        self.is_qwen3 = self.family == qwen3.Family.EMBEDDING
         self.pooling = "last_token" if self.is_qwen3 else "mean"
         self.supports_dimensions = self.is_qwen3
         self.max_batch_size = int(spec.options.get("max_batch_size", self.max_batch_size))
@@ -166,7 +170,7 @@ class TransformersEmbedding(EmbeddingEngine):
         return int(self.model.config.hidden_size)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "transformers", "family": "qwen3" if self.is_qwen3 else None,
+        return {"engine": "transformers", "family": self.family, "rule": qwen3.rule_text(self.family),
                 "pooling": self.pooling, "normalized": True, "dimensions": self.dimensions,
                 "supports_dimensions": self.supports_dimensions, "max_length": self.max_length}
 
@@ -200,9 +204,9 @@ class TransformersEmbedding(EmbeddingEngine):
 
         if not texts:
             return EmbeddingOutput(vectors=[], prompt_tokens=0)
-        if self.is_qwen3 and is_query:
-            task = instruction or self.default_task
-            texts = [qwen3.embedding_query_text(t, task) for t in texts]
+        if self.is_qwen3:
+            texts = qwen3.embedding_inputs(texts, is_query=is_query, instruction=instruction or None,
+                                           default_task=self.default_task)
         elif instruction:
             texts = [f"{instruction}{t}" for t in texts]
         encoded = self._encode(texts)
@@ -230,7 +234,7 @@ class TransformersRerank(RerankEngine):
         from transformers import AutoModelForCausalLM
 
         folder = Path(spec.model_path)
-        if detected.get("family") != "qwen3" or detected.get("rule") != "yes_no":
+        if detected.get("family") != qwen3.Family.RERANKER:
             raise EngineError(
                 f"the transformers engine reranks with the Qwen3-Reranker rule, which needs a Qwen3 causal LM; "
                 f"{folder} is not one ({detected.get('reason')}). For a cross-encoder use "
@@ -258,8 +262,8 @@ class TransformersRerank(RerankEngine):
         return ids[0], ids[1]
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "transformers", "family": "qwen3", "rerank_rule": "yes_no",
-                "max_length": self.max_length}
+        return {"engine": "transformers", "family": qwen3.Family.RERANKER, "rerank_rule": "yes_no",
+                "rule": qwen3.rule_text(qwen3.Family.RERANKER), "max_length": self.max_length}
 
     def rerank(self, query: str, documents: Sequence[str], *,
                instruction: str | None = None) -> RerankOutput:
@@ -311,8 +315,8 @@ class TransformersChat(LLMEngine):
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "transformers", "family": self.family, "context_length": self.context_length,
-                "chat_template": bool(self.tokenizer.chat_template)}
+        return {"engine": "transformers", "family": self.family, "rule": qwen3.rule_text(self.family),
+                "context_length": self.context_length, "chat_template": bool(self.tokenizer.chat_template)}
 
     def render_prompt(self, request: GenerationRequest) -> str:
         """The text the model continues: the chat template applied to messages, or the raw prompt."""
@@ -325,12 +329,6 @@ class TransformersChat(LLMEngine):
                 request.messages, tokenize=False, add_generation_prompt=True, **request.chat_template_kwargs)
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise EngineInputError(f"the chat template rejected these messages: {exc}") from exc
-
-    def opens_reasoning(self, request: GenerationRequest) -> bool:
-        """Whether the rendered prompt leaves <think> open (see ragserve.engines.reasoning)."""
-        from ragserve.engines.reasoning import prompt_opens_reasoning
-
-        return request.messages is not None and prompt_opens_reasoning(self.render_prompt(request))
 
     def generate(self, request: GenerationRequest) -> Iterator[GenerationDelta]:
         prompt = self.render_prompt(request)
