@@ -1,10 +1,12 @@
-"""The vllm engine through the real server, against a stand-in vLLM server (tests/fake_vllm).
+"""The vllm engine through the real server, against a stand-in vLLM (tests/fake_vllm).
 
-vLLM needs CUDA, so the worker's child process here is `tests/fake_vllm`'s api_server: it takes
-vLLM's CLI flags and answers vLLM's HTTP protocol by running real small models (SmolLM2 GGUF,
-MiniLM, a MiniLM cross-encoder, tiny Qwen3 folders). Every answer is checked against a direct
-computation on the same weights, so the engine's flags, payloads, parsing and Qwen3 prompt
-recipes are what is under test; vLLM's own numerics are not.
+vLLM needs CUDA, so the worker's child process here is `tests/fake_vllm`'s `vllm serve`: laid out
+like the vllm package (metadata with the `vllm` console script, an alias-stub api_server), it
+takes vLLM's CLI flags and answers vLLM's HTTP protocol by running real small models (SmolLM2
+GGUF, MiniLM, a MiniLM cross-encoder, tiny Qwen3 folders). Every answer is checked against a
+direct computation on the same weights, so the engine's command, payloads, parsing and Qwen3
+prompt recipes are what is under test; vLLM's own numerics are not (scripts/check-vllm.sh checks
+the command against the real vLLM parser).
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def test_flags_for_old_vllm_and_qwen3_reranker(tmp_path):
     import json
 
     from ragserve.control.spec import ModelSpec, ModelType
-    from ragserve.engines import vllm as engine
+    from ragserve.engines import vllm_command
 
     folder = tmp_path / "Qwen3-Reranker-4B"
     folder.mkdir()
@@ -209,14 +211,100 @@ def test_flags_for_old_vllm_and_qwen3_reranker(tmp_path):
     spec = ModelSpec(uid="rr", model_name="rr", model_type=ModelType.RERANK, model_engine="vllm",
                      model_path=str(folder), n_ctx=8192,
                      options={"gpu_memory_utilization": 0.4, "tensor_parallel_size": 2, "dtype": "bfloat16"})
-    family = engine.model_family(spec)
+    family = vllm_command.model_family(spec)
     assert family == "qwen3-reranker"
-    old = engine.server_args(spec, port=1, api_key="k", style="task", family=family)
-    new = engine.server_args(spec, port=1, api_key="k", style="runner", family=family)
+    old = vllm_command.serve_args(spec, port=1, style="task", family=family)
+    new = vllm_command.serve_args(spec, port=1, style="runner", family=family)
+    assert new[:2] == old[:2] == ["serve", str(folder)]  # `vllm serve MODEL`: the model is positional
+    assert "--model" not in new and "--api-key" not in new  # the key goes in VLLM_API_KEY, not argv
     assert old[old.index("--task") + 1] == "score" and "--runner" not in old
     assert new[new.index("--runner") + 1] == "pooling" and "--task" not in new
     overrides = json.loads(new[new.index("--hf-overrides") + 1])
-    assert overrides == engine.QWEN3_RERANKER_HF_OVERRIDES
+    assert overrides == vllm_command.QWEN3_RERANKER_HF_OVERRIDES
     assert new[new.index("--max-model-len") + 1] == "8192"
     assert new[new.index("--gpu-memory-utilization") + 1] == "0.4"
     assert new[new.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_old_start_path_is_an_alias_stub_that_never_serves(tmp_path):
+    """The fake lays out vLLM as current releases can: `python -m vllm.entrypoints.openai.api_server`
+    (the engine's old start path) exits without binding its port; ragserve starts `vllm serve`."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (FAKE_VLLM, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                           smollm_gguf_path(), "--port", str(port)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "deprecated" in done.stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_vllm_exiting_early_reports_command_and_its_last_log_lines(vllm_server, tmp_path):
+    folder = tmp_path / "Unsupported-Arch"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}')
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.zeros((2, 2), dtype=np.float32)}, str(folder / "model.safetensors"))
+    response = httpx.post(f"{vllm_server.url}/v1/models", timeout=300, json={
+        "model_engine": "vllm", "model_name": "vllm-unsupported", "model_type": "LLM", "model_path": str(folder),
+        "model_format": "safetensors"})
+    assert response.status_code >= 400, response.text
+    message = response.json()["error"]["message"]
+    assert "vLLM exited with code 1" in message
+    assert f"Command: vllm serve {folder} --served-model-name " in message  # what was run, to rerun by hand
+    # vLLM's own last 20 lines: its error and the start-up lines just before it, not the whole log.
+    assert "ValueError: Model architectures ['NoSuchForCausalLM'] are not supported for now" in message
+    assert "start-up step 8 of 24" in message and "start-up step 7 of 24" not in message
+    assert "--api-key" not in message and "VLLM_API_KEY" not in message
+
+
+def test_api_key_reaches_vllm_by_environment_not_argv(vllm_server, chat_uid):
+    pid = describe(vllm_server, chat_uid)["info"]["vllm_pid"]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if item)
+    assert b"--api-key" not in argv  # argv is readable by every user of the machine (ps)
+    key = environ[b"VLLM_API_KEY"].decode()
+    assert key.encode() not in b" ".join(argv)
+    port = int(argv[argv.index(b"--port") + 1])
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"},
+                     timeout=10).status_code == 200
+
+
+def test_reasoning_opened_by_the_chat_template_is_split(vllm_server, openai_client, tmp_path_factory):
+    """A thinking model's template ends the prompt with <think>: the output ("hmm</think>Paris" from
+    the tiny Qwen3's planted chain) starts inside reasoning, streamed and not, as on other engines."""
+    import shutil
+
+    pytest.importorskip("transformers")
+    from qwen3_models import ensure_models
+
+    models = ensure_models(tmp_path_factory.getbasetemp())
+    folder = tmp_path_factory.mktemp("thinking") / "Qwen3-Tiny-Thinking"
+    shutil.copytree(models["chat"], folder)
+    template = (folder / "chat_template.jinja").read_text()
+    opened = template.replace("{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant\\n<think>' }}")
+    assert opened != template
+    (folder / "chat_template.jinja").write_text(opened)
+    uid = launch(vllm_server, model_name="vllm-thinking", model_type="LLM", model_path=str(folder),
+                 model_format="safetensors")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = openai_client.chat.completions.create(model=uid, messages=messages, temperature=0, max_tokens=8)
+    message = reply.choices[0].message
+    assert (getattr(message, "reasoning_content", None), message.content) == ("hmm", "Paris")
+
+    reasoning, content = [], []
+    for chunk in openai_client.chat.completions.create(model=uid, messages=messages, temperature=0, max_tokens=8,
+                                                       stream=True):
+        for choice in chunk.choices:
+            reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
+            content.append(choice.delta.content or "")
+    assert ("".join(reasoning), "".join(content)) == ("hmm", "Paris")

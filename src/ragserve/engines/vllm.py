@@ -1,19 +1,25 @@
 """vLLM on NVIDIA GPUs: chat, embedding and rerank through vLLM's own OpenAI-compatible server.
 
-The engine starts `python -m vllm.entrypoints.openai.api_server` as a child process on a free
-loopback port and talks to it over HTTP. vLLM's in-process Python API changes between releases
-(engine classes, V0/V1, sampling and pooling params), while its server CLI and HTTP protocol
-are the interface vLLM keeps stable and documents; the child also keeps CUDA, NCCL and vLLM's
-own engine processes out of the worker, so a CUDA crash shows up as a child exit with a log.
+The engine runs `vllm serve MODEL ...` (vLLM's documented command: the `vllm` console script
+that vLLM's package declares) as a child process on a free loopback port and talks to it over
+HTTP. vLLM's in-process Python API and its internal module layout change between releases
+(`python -m vllm.entrypoints.openai.api_server` became an alias module that may not serve),
+while the `vllm serve` command and the HTTP protocol are what vLLM keeps stable; the child
+also keeps CUDA, NCCL and vLLM's engine processes out of the worker, so a CUDA crash shows up
+as a child exit with a log.
 
 What the engine adds on top of vLLM:
   - flags from the spec (n_ctx, gpu_memory_utilization, tensor_parallel_size, dtype...), with
-    `--runner pooling --convert ...` on vLLM >= 0.10 and `--task ...` before it;
+    `--runner pooling --convert ...` on vLLM >= 0.10 and `--task ...` before it; the argument
+    list is built by `vllm_command.serve_command` (pure), which scripts/check-vllm.sh feeds to vLLM's own parser;
   - Qwen3 recipes: the query instruction for Qwen3-Embedding and the judging prompt for
     Qwen3-Reranker (with the hf_overrides that turn its yes/no logits into a classifier), so
     scores follow the model cards exactly as the transformers and llama.cpp engines do;
-  - a launch error that carries the child's last log lines and names the fix (CUDA OOM...);
-  - the child never outlives the worker, even when the worker is killed.
+  - the chat prompt as vLLM renders it (/tokenize, /detokenize), so reasoning opened by the
+    chat template is split like on every other engine;
+  - a launch error that carries the command, the child's last log lines and the fix;
+  - the child never outlives the worker, even when the worker is killed; its API key travels
+    in the environment (VLLM_API_KEY), never in argv or the log.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import atexit
 import collections
 import json
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -40,34 +45,23 @@ from ragserve.control.spec import ModelSpec, ModelType
 from ragserve.engines import qwen3
 from ragserve.engines.base import (EmbeddingEngine, EmbeddingOutput, EngineError, EngineInputError,
                                    GenerationDelta, GenerationRequest, LLMEngine, RerankEngine, RerankOutput)
+from ragserve.engines.qwen3 import Family
+from ragserve.engines.vllm_command import model_family, serve_command
 
-SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_LOAD_TIMEOUT_S = 1800.0  # a 14B model from a network disk can take many minutes
 LOG_TAIL_LINES = 40
+ERROR_TAIL_LINES = 20
 # vLLM schedules sequences continuously: the worker may hand it many requests at once.
 DEFAULT_LLM_CONCURRENCY = 64
 
-# vLLM's own quantization method names; a GGUF quant name in spec.quantization (Q4_K_M) is a
-# file choice that resolve already made, not a flag for vLLM.
-VLLM_QUANTIZATIONS = {"awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "bitsandbytes", "compressed-tensors",
-                      "marlin", "squeezellm", "aqlm", "hqq", "experts_int8", "modelopt", "gguf", "mxfp4",
-                      "torchao", "quark", "moe_wna16"}
-
-# Qwen3-Reranker ships as a plain causal LM. These overrides make vLLM load it as a one-logit
-# classifier built from the lm_head rows of "no" and "yes": its sigmoid is P(yes)/(P(yes)+P(no)),
-# the model card's score (see vLLM's Qwen3-Reranker example).
-QWEN3_RERANKER_HF_OVERRIDES = {
-    "architectures": ["Qwen3ForSequenceClassification"],
-    "classifier_from_token": ["no", "yes"],
-    "is_original_qwen3_reranker": True,
-}
-
-# The child runs vLLM's server module in-process after starting a watchdog thread: if the worker
-# dies without closing the engine (kill -9, the gateway's parent watch calling os._exit), the
-# child is re-parented, notices, and takes its whole process group (vLLM's engine-core and
-# tensor-parallel processes) down with it, so no orphan keeps holding GPU memory.
+# The child runs vLLM's `vllm` console script in-process after starting a watchdog thread: if
+# the worker dies without closing the engine (kill -9, the gateway's parent watch calling
+# os._exit), the child is re-parented, notices, and takes its whole process group (vLLM's
+# engine-core and tensor-parallel processes) down with it, so no orphan keeps holding GPU memory.
+# The script is found the way pip's generated `vllm` file finds it: vLLM's console_scripts entry.
 _CHILD_BOOTSTRAP = """
-import os, runpy, signal, sys, threading, time
+import os, signal, sys, threading, time
+from importlib.metadata import entry_points
 parent = int(os.environ.pop("RAGSERVE_VLLM_PARENT_PID"))
 def watch():
     while os.getppid() == parent:
@@ -76,7 +70,9 @@ def watch():
     time.sleep(15.0)
     os.killpg(0, signal.SIGKILL)
 threading.Thread(target=watch, daemon=True).start()
-runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+(script,) = entry_points(group="console_scripts", name="vllm")
+sys.argv = ["vllm", *sys.argv[1:]]
+sys.exit(script.load()())
 """
 
 
@@ -86,109 +82,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _vllm_version() -> Optional[tuple[int, int]]:
-    """(major, minor) from the installed distribution, without importing vllm (it pulls in torch)."""
-    import importlib.metadata
-
-    try:
-        raw = importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    match = re.match(r"(\d+)\.(\d+)", raw)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def pooling_flag_style() -> str:
-    """'runner' for vLLM >= 0.10 (`--runner pooling --convert X`), 'task' before (`--task X`).
-
-    `--task` was replaced in 0.10 and later removed, so the wrong style fails at argument parsing.
-    The installed version decides; a source tree without package metadata is asked once for --help.
-    """
-    version = _vllm_version()
-    if version is not None:
-        return "runner" if version >= (0, 10) else "task"
-    try:
-        result = subprocess.run([sys.executable, "-m", SERVER_MODULE, "--help"], capture_output=True,
-                                text=True, timeout=180)
-        text = result.stdout + result.stderr
-    except (OSError, subprocess.TimeoutExpired):
-        return "runner"
-    if "--runner" in text or "--convert" in text:
-        return "runner"
-    return "task" if "--task" in text else "runner"
-
-
-def model_family(spec: ModelSpec) -> Optional[str]:
-    """'qwen3-embedding' | 'qwen3-reranker' (causal LM) | 'qwen3-reranker-seq-cls' | None."""
-    path = Path(spec.model_path)
-    if path.is_file():  # a GGUF file: read its header the way the llama.cpp engine does
-        try:
-            family = qwen3.gguf_family(qwen3.gguf_info(path))
-        except Exception:
-            return None
-        return family if family in ("qwen3-embedding", "qwen3-reranker") else None
-    detected = qwen3.detect_hf_folder(path)
-    if detected.get("family") != "qwen3":
-        return None
-    rule = detected.get("rule")
-    if spec.model_type == ModelType.EMBEDDING and rule == "last_token":
-        return "qwen3-embedding"
-    if spec.model_type == ModelType.RERANK and rule == "yes_no":
-        return "qwen3-reranker"
-    if spec.model_type == ModelType.RERANK and rule == "classifier":
-        return "qwen3-reranker-seq-cls"  # already converted: needs the prompt, not the overrides
-    return None
-
-
-def _architectures(spec: ModelSpec) -> list[str]:
-    try:
-        return list(json.loads((Path(spec.model_path) / "config.json").read_text()).get("architectures") or [])
-    except (OSError, ValueError):
-        return []
-
-
-def server_args(spec: ModelSpec, *, port: int, api_key: str, style: str, family: Optional[str]) -> list[str]:
-    """vLLM server flags for `spec` (after the program name)."""
-    opts = spec.options or {}
-    args = ["--model", spec.model_path, "--served-model-name", spec.uid, "--host", "127.0.0.1",
-            "--port", str(port), "--api-key", api_key]
-    n_ctx = spec.n_ctx or opts.get("max_model_len")
-    if n_ctx:
-        args += ["--max-model-len", str(int(n_ctx))]
-    if spec.model_type != ModelType.LLM:
-        causal = any(a.endswith("ForCausalLM") for a in _architectures(spec))
-        if style == "task":
-            args += ["--task", "embed" if spec.model_type == ModelType.EMBEDDING else "score"]
-        else:
-            args += ["--runner", "pooling"]
-            # A causal LM (Qwen3-Embedding) has no pooler of its own: say which one to build.
-            # Native pooling models and *ForSequenceClassification are converted automatically.
-            if spec.model_type == ModelType.EMBEDDING and causal:
-                args += ["--convert", "embed"]
-    overrides = dict(QWEN3_RERANKER_HF_OVERRIDES) if family == "qwen3-reranker" else {}
-    overrides.update(opts.get("hf_overrides") or {})
-    if overrides:
-        args += ["--hf-overrides", json.dumps(overrides)]
-    for option, flag in (("gpu_memory_utilization", "--gpu-memory-utilization"),
-                         ("tensor_parallel_size", "--tensor-parallel-size"),
-                         ("dtype", "--dtype"), ("tokenizer", "--tokenizer"),
-                         ("max_num_seqs", "--max-num-seqs"), ("chat_template", "--chat-template")):
-        if opts.get(option) not in (None, ""):
-            args += [flag, str(opts[option])]
-    quantization = opts.get("quantization") or (
-        spec.quantization if (spec.quantization or "").lower() in VLLM_QUANTIZATIONS else None)
-    if quantization:
-        args += ["--quantization", str(quantization)]
-    if opts.get("trust_remote_code"):
-        args.append("--trust-remote-code")
-    if opts.get("enforce_eager"):
-        args.append("--enforce-eager")
-    extra = opts.get("extra_args") or opts.get("vllm_args") or []
-    args += shlex.split(extra) if isinstance(extra, str) else [str(a) for a in extra]
-    return args
-
-
-def _launch_hint(log_tail: str) -> str:
+def _launch_hint(log_tail: str, code: int) -> str:
     text = log_tail.lower()
     # Matched on vLLM's failure messages only: its normal start-up log talks about the KV cache too.
     memory_errors = ("out of memory", "outofmemoryerror", "larger than the available kv cache memory",
@@ -208,37 +102,38 @@ def _launch_hint(log_tail: str) -> str:
         return "this vLLM version does not accept a flag ragserve passed: check options.extra_args, or upgrade vllm"
     if "trust_remote_code" in text or "trust-remote-code" in text:
         return "the model ships custom code: launch with options trust_remote_code=true if you trust it"
-    return "see the log lines above"
+    if code == 0:
+        return "the `vllm` command ended without serving: run the command below by hand to see why"
+    return "see vLLM's log lines below"
 
 
 class VllmServer:
     """The vLLM child process: start, wait for /health, keep its log tail, stop."""
 
-    def __init__(self, spec: ModelSpec, family: Optional[str]):
+    def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.port = _free_port()
-        # Other users on a shared GPU server must not reach the model; hex, since a leading "-" would
-        # read as a flag to argparse.
+        # Other users on a shared GPU server must not reach the model. vLLM reads the key from
+        # VLLM_API_KEY, so it stays out of argv (visible in `ps`) and out of vLLM's args log line.
         self.api_key = secrets.token_hex(24)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.closing = False
-        # Only pooling models need the version-dependent flags (and a possible --help probe).
-        style = pooling_flag_style() if spec.model_type != ModelType.LLM else "runner"
-        args = server_args(spec, port=self.port, api_key=self.api_key, style=style, family=family)
-        env = {**os.environ, "RAGSERVE_VLLM_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        args = serve_command(spec, port=self.port)
+        self.command = shlex.join(["vllm", *args])
+        env = {**os.environ, "RAGSERVE_VLLM_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
+               "VLLM_API_KEY": self.api_key}
         home = os.environ.get("RAGSERVE_HOME")
         if home:  # keep vLLM's compile and config caches in the home, not in ~/.cache
             env.setdefault("VLLM_CACHE_ROOT", str(Path(home) / "cache" / "vllm"))
             env.setdefault("VLLM_CONFIG_ROOT", str(Path(home) / "cache" / "vllm-config"))
-        print(f"vllm: starting {SERVER_MODULE} {shlex.join(a if a != self.api_key else '***' for a in args)}",
-              file=sys.stderr, flush=True)
+        print(f"vllm: starting {self.command}", file=sys.stderr, flush=True)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_BOOTSTRAP, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         except OSError as exc:
-            raise EngineError(f"could not start vLLM ({exc})") from exc
+            raise EngineError(f"could not start vLLM ({exc}); command: {self.command}") from exc
         threading.Thread(target=self._pump_log, daemon=True, name="vllm-log").start()
         self.http = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
                                  timeout=httpx.Timeout(float(spec.options.get("request_timeout", 600)), connect=10),
@@ -254,8 +149,8 @@ class VllmServer:
             self.tail.append(line)
             print(f"vllm| {line}", file=sys.stderr, flush=True)
 
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(list(self.tail)[-lines:])
+    def log_tail(self, lines: int = ERROR_TAIL_LINES) -> str:
+        return "\n".join(list(self.tail)[-lines:]) or "(vLLM wrote nothing)"
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -264,8 +159,9 @@ class VllmServer:
             if code is not None:
                 time.sleep(0.3)  # let the log pump read the last lines
                 tail = self.log_tail()
-                raise EngineError(f"vLLM exited with code {code} while loading {self.spec.model_path}: "
-                                  f"{_launch_hint(tail)}. Last vLLM log lines:\n{tail}")
+                raise EngineError(f"vLLM exited with code {code} before serving {self.spec.model_path}: "
+                                  f"{_launch_hint(tail, code)}. Command: {self.command}\n"
+                                  f"Last vLLM log lines:\n{tail}")
             try:
                 # vLLM binds its port before the model is loaded; only a 200 means it serves.
                 if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
@@ -276,7 +172,7 @@ class VllmServer:
         tail = self.log_tail()
         self.stop()
         raise EngineError(f"vLLM did not become ready within {timeout:.0f} s (options.load_timeout raises the "
-                          f"limit). Last vLLM log lines:\n{tail}")
+                          f"limit). Command: {self.command}\nLast vLLM log lines:\n{tail}")
 
     def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -284,7 +180,7 @@ class VllmServer:
         except httpx.HTTPError as exc:
             raise self.connection_error(exc) from exc
         if response.status_code >= 400:
-            raise self.http_error(response.status_code, response.text)
+            raise self.http_error(response.status_code, response.text, path)
         return response.json()
 
     def connection_error(self, exc: Exception) -> EngineError:
@@ -295,7 +191,7 @@ class VllmServer:
         return EngineError(f"vLLM did not answer ({type(exc).__name__}: {exc})")
 
     @staticmethod
-    def http_error(status: int, body: str) -> EngineError:
+    def http_error(status: int, body: str, path: str) -> EngineError:
         try:
             data = json.loads(body)
             # Older vLLM answers {"object": "error", "message": ...}, newer {"error": {"message": ...}}.
@@ -307,7 +203,7 @@ class VllmServer:
             if "context length" in message or "max_model_len" in message or "too long" in message:
                 message += " (send less text, or launch with a larger --n-ctx)"
             return EngineInputError(message)
-        return EngineError(f"vLLM answered {status}: {message}")
+        return EngineError(f"vLLM answered {status} on {path}: {message}")
 
     def get(self, path: str) -> dict[str, Any]:
         try:
@@ -343,8 +239,8 @@ class VllmServer:
         self.http.close()
 
 
-def _start(spec: ModelSpec, family: Optional[str]) -> VllmServer:
-    server = VllmServer(spec, family)
+def _start(spec: ModelSpec) -> VllmServer:
+    server = VllmServer(spec)
     timeout = float(spec.options.get("load_timeout") or os.environ.get("RAGSERVE_LOAD_TIMEOUT")
                     or DEFAULT_LOAD_TIMEOUT_S)
     try:
@@ -359,16 +255,16 @@ class _VllmEngine:
     """Shared by the three engine classes: the child server and its /v1/models facts."""
 
     server: VllmServer
+    family: Optional[Family] = None
 
-    def _start_server(self, spec: ModelSpec, family: Optional[str]) -> None:
-        self.family = family
-        self.server = _start(spec, family)
+    def _start_server(self, spec: ModelSpec) -> None:
+        self.server = _start(spec)
         models = self.server.get("/v1/models").get("data") or [{}]
         self.max_model_len = models[0].get("max_model_len")
 
     def _facts(self) -> dict[str, Any]:
         return {"engine": "vllm", "context_length": self.max_model_len, "family": self.family,
-                "vllm_pid": self.server.process.pid}
+                "rule": qwen3.rule_text(self.family), "vllm_pid": self.server.process.pid}
 
     def close(self) -> None:
         self.server.stop()
@@ -378,11 +274,25 @@ class VllmChatEngine(_VllmEngine, LLMEngine):
     def __init__(self, spec: ModelSpec) -> None:
         LLMEngine.__init__(self, spec)
         self.max_concurrency = int(spec.n_parallel or spec.options.get("max_num_seqs") or DEFAULT_LLM_CONCURRENCY)
-        self._start_server(spec, None)
+        self._start_server(spec)
         self.server.watch()
 
     def describe(self) -> dict[str, Any]:
         return {**self._facts(), "parallel": self.max_concurrency}
+
+    def render_prompt(self, request: GenerationRequest) -> str:
+        """The prompt exactly as vLLM renders it: its chat template (or --chat-template) on the messages.
+
+        vLLM's /tokenize applies the same template as its chat route and /detokenize turns the ids
+        back into text with special tokens kept, so `<think>` left open by the template shows.
+        """
+        if request.messages is None:
+            return request.prompt or ""
+        body: dict[str, Any] = {"model": self.spec.uid, "messages": request.messages, "add_generation_prompt": True}
+        if request.chat_template_kwargs:
+            body["chat_template_kwargs"] = request.chat_template_kwargs
+        tokens = self.server.post("/tokenize", body)["tokens"]
+        return self.server.post("/detokenize", {"model": self.spec.uid, "tokens": tokens})["prompt"]
 
     def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         payload: dict[str, Any] = {"model": self.spec.uid, "stream": True, "stream_options": {"include_usage": True}}
@@ -402,48 +312,57 @@ class VllmChatEngine(_VllmEngine, LLMEngine):
             payload["stop"] = request.stop
         return path, payload
 
-    def generate(self, request: GenerationRequest) -> Iterator[GenerationDelta]:
-        path, payload = self._payload(request)
-        finish_reason = None
-        prompt_tokens = completion_tokens = None
-        in_reasoning = False
+    def _events(self, path: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """vLLM's stream chunks, with its in-band errors raised."""
         try:
             with self.server.http.stream("POST", path, json=payload) as response:
                 if response.status_code >= 400:
-                    raise self.server.http_error(response.status_code, response.read().decode("utf-8", "replace"))
+                    raise self.server.http_error(response.status_code,
+                                                 response.read().decode("utf-8", "replace"), path)
                 for line in response.iter_lines():
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        break
+                        return
                     chunk = json.loads(data)
                     if "error" in chunk or chunk.get("object") == "error":  # failures after the 200, in-band
                         error = chunk.get("error", chunk)
                         raise EngineError(error.get("message", str(error)) if isinstance(error, dict) else str(error))
-                    if chunk.get("usage"):
-                        prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
-                        completion_tokens = chunk["usage"].get("completion_tokens", completion_tokens)
-                    for choice in chunk.get("choices") or []:
-                        if choice.get("finish_reason"):
-                            finish_reason = choice["finish_reason"]
-                        delta = choice.get("delta")
-                        if delta is None:
-                            text = choice.get("text")
-                        else:
-                            # Only a --reasoning-parser in options.extra_args makes vLLM split reasoning
-                            # off; put it back in <think> tags so the worker splits every engine alike.
-                            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                            text = delta.get("content")
-                            if reasoning:
-                                text = ("" if in_reasoning else "<think>\n") + reasoning + (text or "")
-                                in_reasoning = True
-                            elif text and in_reasoning:
-                                text, in_reasoning = "\n</think>\n\n" + text, False
-                        if text:
-                            yield GenerationDelta(text=text)
+                    yield chunk
         except httpx.HTTPError as exc:
             raise self.server.connection_error(exc) from exc
+
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationDelta]:
+        from ragserve.engines.reasoning import prompt_opens_reasoning
+
+        path, payload = self._payload(request)
+        finish_reason = None
+        prompt_tokens = completion_tokens = None
+        in_reasoning = False
+        for chunk in self._events(path, payload):
+            if chunk.get("usage"):
+                prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
+                completion_tokens = chunk["usage"].get("completion_tokens", completion_tokens)
+            for choice in chunk.get("choices") or []:
+                finish_reason = choice.get("finish_reason") or finish_reason
+                delta = choice.get("delta")
+                if delta is None:
+                    text = choice.get("text")
+                else:
+                    # Only a --reasoning-parser in options.extra_args makes vLLM split reasoning off:
+                    # put it back in think tags so the worker splits every engine alike. A prompt
+                    # that opened <think> itself gets only the closing tag, as the model wrote it.
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    text = delta.get("content")
+                    if reasoning:
+                        opened = in_reasoning or prompt_opens_reasoning(self.render_prompt(request))
+                        text = ("" if opened else "<think>\n") + reasoning + (text or "")
+                        in_reasoning = True
+                    elif text and in_reasoning:
+                        text, in_reasoning = "\n</think>\n\n" + text, False
+                if text:
+                    yield GenerationDelta(text=text)
         if in_reasoning:
             yield GenerationDelta(text="\n</think>\n\n")
         yield GenerationDelta(finish_reason=finish_reason or "stop", prompt_tokens=prompt_tokens,
@@ -453,11 +372,11 @@ class VllmChatEngine(_VllmEngine, LLMEngine):
 class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
     def __init__(self, spec: ModelSpec) -> None:
         EmbeddingEngine.__init__(self, spec)
-        family = model_family(spec)
-        self.supports_dimensions = family == "qwen3-embedding"  # Matryoshka-trained
+        self.family = model_family(spec)
+        self.supports_dimensions = self.family == Family.EMBEDDING  # Matryoshka-trained
         self.max_batch_size = int(spec.options.get("max_batch_size", 256))
-        self.eos_suffix = _qwen3_eos_suffix(spec) if family == "qwen3-embedding" else ""
-        self._start_server(spec, family)
+        self.eos_suffix = _qwen3_eos_suffix(spec) if self.family == Family.EMBEDDING else ""
+        self._start_server(spec)
         self._dimensions = len(self._embed_raw(["dimension probe"])[0][0])
         self.server.watch()
 
@@ -476,7 +395,7 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
 
     def embed(self, texts: Sequence[str], *, is_query: bool = False,
               instruction: Optional[str] = None) -> EmbeddingOutput:
-        if self.family == "qwen3-embedding":
+        if self.family == Family.EMBEDDING:
             if is_query:
                 task = instruction or self.spec.options.get("embedding_task")
                 texts = [qwen3.embedding_query_text(t, task) for t in texts]
@@ -498,8 +417,10 @@ def _qwen3_eos_suffix(spec: ModelSpec) -> str:
 
         tokenizer = AutoTokenizer.from_pretrained(spec.model_path, local_files_only=True,
                                                   trust_remote_code=bool(spec.options.get("trust_remote_code")))
-    except Exception:
-        return ""  # cannot tell: trust the tokenizer (the official files append it)
+    except Exception as exc:  # noqa: BLE001 - without the tokenizer the pooled token is unknown
+        raise EngineError(f"the tokenizer in {spec.model_path} did not load ({type(exc).__name__}: {exc}), so "
+                          "ragserve cannot tell whether Qwen3-Embedding texts need a closing <|endoftext|>: "
+                          "pull the model again (tokenizer.json, tokenizer_config.json)") from exc
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     if not isinstance(eos, int) or eos == tokenizer.unk_token_id:
         return ""
@@ -511,15 +432,15 @@ class VllmRerankEngine(_VllmEngine, RerankEngine):
     def __init__(self, spec: ModelSpec) -> None:
         RerankEngine.__init__(self, spec)
         self.max_batch_size = int(spec.options.get("max_batch_size", 256))
-        self._start_server(spec, model_family(spec))
+        self.family = model_family(spec)
+        self._start_server(spec)
         self.server.watch()
 
     def describe(self) -> dict[str, Any]:
-        rule = "yes_no" if self.family and self.family.startswith("qwen3-reranker") else "classifier"
-        return {**self._facts(), "rerank_rule": rule}
+        return {**self._facts(), "rerank_rule": "yes_no" if self.family else "classifier"}
 
     def _pairs(self, query: str, documents: Sequence[str], instruction: Optional[str]) -> tuple[str, list[str]]:
-        if not (self.family and self.family.startswith("qwen3-reranker")):
+        if self.family is None:
             return query, list(documents)
         # vLLM scores a causal-LM reranker on query + document, concatenated as text: split the
         # model card's judging prompt at that seam so the whole prompt is exactly qwen3.rerank_prompt.
@@ -530,22 +451,12 @@ class VllmRerankEngine(_VllmEngine, RerankEngine):
     def rerank(self, query: str, documents: Sequence[str], *,
                instruction: Optional[str] = None) -> RerankOutput:
         query_text, doc_texts = self._pairs(query, documents, instruction)
-        try:
-            result = self.server.post("/v1/rerank", {"model": self.spec.uid, "query": query_text,
-                                                     "documents": doc_texts, "top_n": len(doc_texts)})
-            scores = [0.0] * len(documents)
-            for item in result["results"]:
-                scores[item["index"]] = float(item["relevance_score"])
-            tokens = (result.get("usage") or {}).get("total_tokens", 0)
-        except EngineError as exc:
-            if "404" not in str(exc) and "Not Found" not in str(exc):
-                raise
-            # vLLM before /v1/rerank existed (<= 0.7.0) offers only the score API.
-            result = self.server.post("/score", {"model": self.spec.uid, "text_1": query_text, "text_2": doc_texts})
-            scores = [0.0] * len(documents)
-            for item in result["data"]:
-                scores[item["index"]] = float(item["score"])
-            tokens = (result.get("usage") or {}).get("prompt_tokens", 0)
+        result = self.server.post("/v1/rerank", {"model": self.spec.uid, "query": query_text,
+                                                 "documents": doc_texts, "top_n": len(doc_texts)})
+        scores = [0.0] * len(documents)
+        for item in result["results"]:
+            scores[item["index"]] = float(item["relevance_score"])
+        tokens = (result.get("usage") or {}).get("total_tokens", 0)
         return RerankOutput(scores=scores, prompt_tokens=int(tokens or 0))
 
 
