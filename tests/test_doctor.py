@@ -53,6 +53,22 @@ def test_all_ok_with_a_running_server_and_a_ready_model(server):
     # Bound to 127.0.0.1: the URL finding warns that Docker cannot reach it and says how to fix that.
     urls = finding(report, "urls")
     assert urls["status"] == "warn" and "--host 0.0.0.0" in urls["fix"]
+    # RAGFlow's OpenAI client refuses an empty key: a keyless server is given any non-empty text.
+    assert "API key: any non-empty text, e.g. EMPTY" in urls["message"]
+    assert "leave empty" not in json.dumps(report)
+
+
+def test_a_server_with_a_key_is_given_its_key_in_the_settings(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    running = start_server(home, env={"RAGSERVE_API_KEYS": "k-doctor"})
+    try:
+        code, report = doctor("--home", str(home), "--no-import-check", "--api-key", "k-doctor")
+        assert finding(report, "server")["status"] == "ok", report
+        assert "API key: the server's api_key" in finding(report, "urls")["message"]
+        assert "EMPTY" not in report["base_urls"]["api_key"]
+    finally:
+        stop_server(running.process)
 
 
 def test_a_failed_model_shows_its_error_and_the_fix(server, tmp_path):

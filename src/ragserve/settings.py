@@ -47,6 +47,11 @@ class Home:
         return self.run / "server.json"
 
     @property
+    def lock_file(self) -> Path:
+        """Locked (flock) by the running server for its whole life: one server per home."""
+        return self.run / "server.lock"
+
+    @property
     def models_state_file(self) -> Path:
         """The models that were running, relaunched when the server restarts."""
         return self.run / "models.json"
@@ -56,8 +61,26 @@ class Home:
 
     def ensure(self) -> "Home":
         for folder in (self.root, self.models, self.cache, self.logs, self.run):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self
+
+    def lock_down(self) -> list[str]:
+        """Home 0700, run/ and logs/ 0700 and their files 0600, also in a home made before this rule.
+
+        run/ holds the workers' specs and the server's address, logs/ the requests' errors: neither is for
+        other local users. Returns the paths whose mode could not be changed (owned by someone else).
+        """
+        failed: list[str] = []
+        targets = [(self.root, 0o700), (self.run, 0o700), (self.logs, 0o700)]
+        targets += [(path, 0o600) for folder in (self.run, self.logs) for path in folder.iterdir()
+                    if path.is_file() and not path.is_symlink()]
+        for path, mode in targets:
+            try:
+                if path.stat().st_mode & 0o777 != mode:
+                    path.chmod(mode)
+            except OSError:
+                failed.append(str(path))
+        return failed
 
     def library_env(self) -> dict[str, str]:
         """Environment that points hub and ML libraries' caches into the home.

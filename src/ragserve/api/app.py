@@ -226,8 +226,27 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
         headers = {"content-type": "application/json", WORKER_TOKEN_HEADER: supervisor.worker_token}
         if stream:
             headers[USAGE_TRAILER_HEADER] = "1"
+        # A frozen worker must not hold a request forever (control/supervisor.py WorkerTimeouts): a stream is
+        # bounded between events, any other answer by its first byte.
+        limits = supervisor.timeouts
+        read_limit, limit_env = ((limits.stream_idle, "RAGSERVE_WORKER_STREAM_IDLE_TIMEOUT") if stream else
+                                 (limits.first_byte, "RAGSERVE_WORKER_FIRST_BYTE_TIMEOUT"))
+
+        def timed_out(exc: Exception) -> APIError:
+            connecting = isinstance(exc, _aiohttp().ConnectionTimeoutError)
+            seconds, env = (limits.connect, "RAGSERVE_WORKER_CONNECT_TIMEOUT") if connecting else (read_limit,
+                                                                                                    limit_env)
+            return APIError(504, f"model {record.spec.uid!r} did not answer: its worker sent nothing for {seconds:g} s "
+                                 f"({env}). It is busy or frozen; a worker that stops answering its health checks is "
+                                 f"restarted automatically. Retry later; if this repeats, see "
+                                 f"{supervisor.home.worker_log(record.spec.uid)}",
+                            code="worker_unavailable", headers={"Retry-After": "2"})
+
         try:
-            upstream = await worker_session().post(url, data=raw_body, headers=headers)
+            # The session's own timeout bounds the first byte; a stream gets its idle bound instead.
+            bound = {"timeout": _aiohttp().ClientTimeout(total=None, sock_connect=limits.connect,
+                                                         sock_read=read_limit)} if stream else {}
+            upstream = await worker_session().post(url, data=raw_body, headers=headers, **bound)
             if not stream or upstream.status != 200:
                 async with upstream:
                     content = await upstream.read()
@@ -236,7 +255,9 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
                 return Response(content, status_code=upstream.status,
                                 media_type=upstream.headers.get("content-type", "application/json"),
                                 headers=_retry_after(upstream.headers))
-        except (_aiohttp().ClientError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors (and ClientErrors)
+            raise timed_out(exc) from exc
+        except _aiohttp().ClientError as exc:
             raise await _worker_lost(record, exc) from exc
 
         async def relay():
@@ -257,7 +278,7 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
                     yield pending
                 finished = True
             except (_aiohttp().ClientError, asyncio.TimeoutError) as exc:
-                lost = await _worker_lost(record, exc)
+                lost = timed_out(exc) if isinstance(exc, asyncio.TimeoutError) else await _worker_lost(record, exc)
                 error = {"error": {"message": lost.message, "type": "service_unavailable", "code": lost.code}}
                 yield f"data: {json.dumps(error)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
@@ -278,8 +299,9 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
             connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT, limit_per_host=0, keepalive_timeout=60,
                                              enable_cleanup_closed=False)
             session = app.state.worker_session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                auto_decompress=False, skip_auto_headers=("User-Agent",))
+                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=supervisor.timeouts.connect,
+                                              sock_read=supervisor.timeouts.first_byte))
         return session
 
     async def _worker_lost(record: ModelRecord, exc: Exception) -> APIError:

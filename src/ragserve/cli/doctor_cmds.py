@@ -319,20 +319,32 @@ def check_hub() -> Finding:
     return Finding("hub", OK, f"hub libraries: {', '.join(libs)}" + (f"; RAGSERVE_HUB={chosen}" if chosen else ""))
 
 
+def _wants_key(endpoint: str) -> bool:
+    """Whether the server asks for a key, from the open route Xinference's client asks (False if none answers)."""
+    import httpx
+
+    try:
+        return bool(httpx.get(f"{endpoint.rstrip('/')}/v1/cluster/auth", timeout=5).json().get("auth"))
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+
+
 def check_urls(home: Home, endpoint: str, reachable: bool) -> tuple[Finding, dict[str, Any]]:
     from ragserve.cli.stack_cmds import connection_settings
 
     parsed = urlparse(endpoint)
     info = _server_info(home)
     bound = info.get("host") if reachable and info.get("port") == parsed.port else None
-    settings = connection_settings(bound or parsed.hostname or "127.0.0.1", parsed.port or 80, None)
+    keyed = _wants_key(endpoint)
+    settings = connection_settings(bound or parsed.hostname or "127.0.0.1", parsed.port or 80,
+                                   "(set)" if keyed else None)
     settings["host_base_url"] = f"{endpoint.rstrip('/')}/v1"
     message = (f"RAGFlow on this host: {settings['host_base_url']}; RAGFlow in Docker: "
-               f"{settings['docker_base_url']}")
+               f"{settings['docker_base_url']}; API key: {settings['api_key']}")
     if bound in ("127.0.0.1", "localhost", "::1"):
         return Finding("urls", WARN, message + f" (but the server is bound to {bound}, so Docker cannot reach it)",
                        f"restart it reachable from containers: `ragserve serve --host 0.0.0.0 --port {parsed.port} "
-                       f"--api-key KEY` (or server.host: 0.0.0.0 in the stack)"), settings
+                       f"--api-key-file KEYFILE` (or server.host: 0.0.0.0 in the stack)"), settings
     return Finding("urls", OK, message + ("; on Linux Docker add host.docker.internal:host-gateway to extra_hosts"
                                           if bound else "")), settings
 

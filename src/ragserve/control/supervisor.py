@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ragserve.control.spec import ModelSpec, ModelState
+from ragserve.control.threads import THREADS_ENV, explicit_threads, plan_threads
 from ragserve.settings import Home
 
 log = logging.getLogger("ragserve.supervisor")
@@ -31,6 +32,54 @@ MAX_RESTARTS = 5
 # A worker that served this long before dying starts a fresh streak: a crash a week is not a crash loop.
 STABLE_AFTER_S = 60.0
 WORKER_TOKEN_ENV = "RAGSERVE_WORKER_TOKEN"
+# Secrets of the gateway that no worker needs: API keys, and hub tokens (workers load local files only).
+# A worker's environment is readable by its user in /proc, and engines may print theirs in crash reports.
+GATEWAY_ONLY_ENV = ("RAGSERVE_API_KEYS", "RAGSERVE_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                    "MODELSCOPE_API_TOKEN")
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r} must be a number of seconds above 0 (default {default:g})")
+    return value
+
+
+@dataclass(frozen=True)
+class WorkerTimeouts:
+    """Bounds on the gateway-to-worker hop, so that a frozen worker (stopped, deadlocked, swapping) cannot
+    hold requests forever, plus the liveness probe that finds such a worker and restarts it.
+
+    The first byte of a non-streamed answer comes only when it is complete: a long chat on a CPU takes
+    minutes, hence 300 s. A stream's events are bounded apart from each other, the wait for the first
+    token (the whole prompt's processing) included. The probe catches a frozen worker well before either.
+    """
+
+    connect: float = 5.0
+    first_byte: float = 300.0
+    stream_idle: float = 300.0
+    probe_interval: float = 5.0
+    probe_timeout: float = 10.0
+    probe_misses: int = 3
+
+    @classmethod
+    def from_env(cls) -> "WorkerTimeouts":
+        """From RAGSERVE_WORKER_* variables; a value that is not a positive number is an error naming it."""
+        misses = _seconds("RAGSERVE_WORKER_PROBE_MISSES", cls.probe_misses)
+        if misses != int(misses):
+            raise ValueError(f"RAGSERVE_WORKER_PROBE_MISSES={misses:g} must be a whole number, 1 or more")
+        return cls(connect=_seconds("RAGSERVE_WORKER_CONNECT_TIMEOUT", cls.connect),
+                   first_byte=_seconds("RAGSERVE_WORKER_FIRST_BYTE_TIMEOUT", cls.first_byte),
+                   stream_idle=_seconds("RAGSERVE_WORKER_STREAM_IDLE_TIMEOUT", cls.stream_idle),
+                   probe_interval=_seconds("RAGSERVE_WORKER_PROBE_INTERVAL", cls.probe_interval),
+                   probe_timeout=_seconds("RAGSERVE_WORKER_PROBE_TIMEOUT", cls.probe_timeout),
+                   probe_misses=int(misses))
 
 
 def describe_exit(code: int) -> str:
@@ -67,6 +116,13 @@ class ModelRecord:
     ready_since: Optional[float] = None
     info: dict[str, Any] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    threads: Optional[int] = None  # CPU threads the worker was started with (control/threads.py)
+    # Liveness probe of a ready worker: misses in a row, when the next probe is due, the probe in flight,
+    # and why the supervisor killed the worker (said instead of "killed by SIGKILL").
+    probe_misses: int = 0
+    next_probe: float = 0.0
+    probe_task: Optional[asyncio.Task] = None
+    kill_reason: Optional[str] = None
 
     @property
     def base_url(self) -> str:
@@ -78,8 +134,9 @@ class ModelRecord:
 
 
 class Supervisor:
-    def __init__(self, home: Home, *, persist: bool = True):
+    def __init__(self, home: Home, *, persist: bool = True, timeouts: Optional[WorkerTimeouts] = None):
         self.home = home
+        self.timeouts = timeouts or WorkerTimeouts.from_env()
         self.persist = persist
         self.records: dict[str, ModelRecord] = {}
         self._http = None  # made on first use: httpx is not imported before the server is ready
@@ -106,6 +163,9 @@ class Supervisor:
         self._closing = True
         if self._watch_task:
             self._watch_task.cancel()
+        for record in self.records.values():
+            if record.probe_task is not None:
+                record.probe_task.cancel()
         await asyncio.gather(*(self._stop_process(r) for r in self.records.values()), return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
@@ -128,6 +188,7 @@ class Supervisor:
     # ---- launch / terminate ---------------------------------------------------------------
 
     async def launch(self, spec: ModelSpec, *, wait_ready: bool = True) -> ModelRecord:
+        explicit_threads(spec)  # a bad n_threads is refused before any record exists
         existing = self.records.get(spec.uid)
         if existing is not None:
             if existing.state != ModelState.FAILED:
@@ -162,19 +223,26 @@ class Supervisor:
         record.port = free_port()
         record.state = ModelState.LOADING
         record.ready.clear()
+        record.kill_reason = None
+        record.probe_misses = 0
+        record.threads = plan_threads(r.spec for r in self.records.values())[spec.uid]
         log_file = open(self.home.worker_log(spec.uid), "ab")
-        # OpenMP's wait policy is left at its default (spin ~3 ms, then sleep): passive waiting cut
-        # worker CPU time but cost embedding throughput (batch-32: 0.92x against 0.98x the in-process engine).
-        env = {**os.environ, **self.home.library_env(),
-               "PYTHONUNBUFFERED": "1", WORKER_TOKEN_ENV: self.worker_token}
         record.process = subprocess.Popen(
             [sys.executable, "-m", "ragserve.workers.worker", "--spec-file", str(spec_file), "--port",
              str(record.port)],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._worker_env(record),
         )
         log_file.close()
-        log.info("started worker for %s (pid %s, port %s, engine %s)", spec.uid, record.pid, record.port,
-                 spec.model_engine)
+        log.info("started worker for %s (pid %s, port %s, engine %s, %s CPU threads)", spec.uid, record.pid,
+                 record.port, spec.model_engine, record.threads)
+
+    def _worker_env(self, record: ModelRecord) -> dict[str, str]:
+        env = {name: value for name, value in os.environ.items() if name not in GATEWAY_ONLY_ENV}
+        # OpenMP's wait policy is left at its default (spin ~3 ms, then sleep): passive waiting cut
+        # worker CPU time but cost embedding throughput (batch-32: 0.92x against 0.98x the in-process engine).
+        # The engines read THREADS_ENV after their own `n_threads` option.
+        return {**env, **self.home.library_env(), "PYTHONUNBUFFERED": "1", WORKER_TOKEN_ENV: self.worker_token,
+                THREADS_ENV: str(record.threads)}
 
     async def _stop_process(self, record: ModelRecord) -> None:
         process = record.process
@@ -195,9 +263,49 @@ class Supervisor:
             for record in list(self.records.values()):
                 try:
                     await self._check(record)
+                    self._schedule_probe(record)
                 except Exception:  # never let one model's trouble stop the watcher
                     log.exception("checking %s failed", record.spec.uid)
             await asyncio.sleep(0.2)
+
+    def _schedule_probe(self, record: ModelRecord) -> None:
+        """Probe each ready worker's /health every probe_interval, in a task of its own so that a frozen
+        worker never delays the watcher."""
+        now = time.monotonic()
+        if record.state != ModelState.READY or record.probe_task is not None or now < record.next_probe:
+            return
+        record.next_probe = now + self.timeouts.probe_interval
+        record.probe_task = asyncio.create_task(self._probe(record, record.process),
+                                                name=f"probe-{record.spec.uid}")
+
+    async def _probe(self, record: ModelRecord, process: Optional[subprocess.Popen]) -> None:
+        import httpx
+
+        try:
+            try:
+                response = await self.http.get(f"{record.base_url}/health", timeout=self.timeouts.probe_timeout)
+                answered = response.status_code == 200
+            except httpx.HTTPError:
+                answered = False
+            if record.process is not process or record.state != ModelState.READY or process is None:
+                return  # restarted or stopped meanwhile: this answer is about another process
+            record.probe_misses = 0 if answered else record.probe_misses + 1
+            if record.probe_misses >= self.timeouts.probe_misses and process.poll() is None:
+                self._kill_unresponsive(record, process)
+        finally:
+            record.probe_task = None
+
+    def _kill_unresponsive(self, record: ModelRecord, process: subprocess.Popen) -> None:
+        """A worker alive but not answering (SIGSTOP, a deadlock) holds its requests forever: kill it, and
+        the watcher restarts it as it does a crashed one."""
+        record.kill_reason = (f"did not answer its health check {record.probe_misses} times in a row "
+                              f"({self.timeouts.probe_timeout:g} s each, every {self.timeouts.probe_interval:g} s) "
+                              f"and was killed")
+        record.state = ModelState.RESTARTING
+        record.ready.clear()
+        record.error = f"the worker {record.kill_reason}; restarting"
+        log.warning("worker for %s (pid %s) %s", record.spec.uid, process.pid, record.kill_reason)
+        process.kill()
 
     def _log_tail(self, uid: str, lines: int = 8) -> str:
         try:
@@ -218,13 +326,14 @@ class Supervisor:
             import httpx
 
             try:
-                health = (await self.http.get(f"{record.base_url}/health")).json()
+                health = (await self.http.get(f"{record.base_url}/health", timeout=2.0)).json()
             except (httpx.HTTPError, ValueError):
                 return  # still starting
             if health["state"] == ModelState.READY.value:
                 record.state = ModelState.READY
                 record.ready_since = time.monotonic()
-                record.info = health.get("info") or {}
+                record.next_probe = time.monotonic() + self.timeouts.probe_interval
+                record.info = {**(health.get("info") or {}), "cpu_threads": record.threads}
                 record.error = None
                 record.ready.set()
             elif health["state"] == ModelState.FAILED.value:
@@ -237,7 +346,7 @@ class Supervisor:
     async def _on_exit(self, record: ModelRecord, exit_code: int) -> None:
         uid = record.spec.uid
         record.last_exit = exit_code
-        how = describe_exit(exit_code)
+        how = record.kill_reason or describe_exit(exit_code)
         if record.state == ModelState.LOADING and record.restarts == 0:
             record.state = ModelState.FAILED
             record.error = (f"the worker {how} while loading. Last log lines:\n"
@@ -271,6 +380,8 @@ class Supervisor:
         process is reaped, so wait briefly for its exit status."""
         deadline = time.monotonic() + wait_s
         while True:
+            if record.kill_reason:
+                return record.kill_reason
             process = record.process
             if process is None:  # the watcher already saw the exit and schedules a restart
                 return describe_exit(record.last_exit) if record.last_exit is not None else None
