@@ -358,11 +358,14 @@ def write_gguf(folder: Path, out: Path, *, classifier_head: bool = False) -> Pat
     template = template_file.read_text() if template_file.exists() else tok_config.get("chat_template")
     template = template or CHAT_TEMPLATE
     if classifier_head:
-        from ragserve.engines.qwen3 import gguf_rerank_template
+        from qwen3_reference import RERANK_INSTRUCTION, RERANK_PREFIX, RERANK_SUFFIX
 
-        # llama.cpp formats rank-pooling requests with this named template, as its converter writes it.
+        # llama.cpp formats rank-pooling requests with this named template ({query}/{document}
+        # placeholders), as its converter writes it for Qwen3-Reranker.
+        rerank = (RERANK_PREFIX + f"<Instruct>: {RERANK_INSTRUCTION}\n<Query>: {{query}}\n<Document>: {{document}}"
+                  + RERANK_SUFFIX)
         writer.add_chat_template([{"name": "default", "template": template},
-                                  {"name": "rerank", "template": gguf_rerank_template()}])
+                                  {"name": "rerank", "template": rerank}])
     else:
         writer.add_chat_template(template)
 

@@ -176,3 +176,33 @@ def test_launch_over_the_budget_is_refused_with_figures_and_passes_with_force(tm
         assert httpx.get(f"{server.url}/v1/models/smol-b").json()["state"] == "ready"
     finally:
         stop_server(server.process)
+
+
+# ---- files that cannot be read are errors, never "launch without the check" --------------------
+
+def test_truncated_gguf_is_an_error_naming_the_file_and_the_pull(tmp_path):
+    cut = tmp_path / "Qwen3-Reranker-4B-q4_k_m.gguf"
+    cut.write_bytes(Path(smollm_gguf_path()).read_bytes()[:4096])  # a download cut inside the header
+    spec = ModelSpec(uid="cut", model_name="cut", model_type=ModelType.RERANK, model_engine="llama.cpp",
+                     model_path=str(cut), model_format="gguf")
+    with pytest.raises(memory.EstimateError, match=re.escape(str(cut)) + ".*pull the model again.*--force"):
+        memory.check_fits(spec, figures=gpu(80))
+
+
+def test_damaged_config_or_safetensors_header_is_an_error(tmp_path):
+    folder = qwen14b_folder(tmp_path)
+    spec = ModelSpec(uid="q", model_name="q", model_type=ModelType.LLM, model_engine="transformers",
+                     model_path=str(folder))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(memory.EstimateError, match="model-00001-of-00002.safetensors.*pull the model again"):
+        memory.check_fits(spec, figures=gpu(80))
+    (folder / "model-00001-of-00002.safetensors").unlink()
+    (folder / "config.json").write_text('{"model_type": "qwen3", ')
+    with pytest.raises(memory.EstimateError, match="config.json is not readable JSON"):
+        memory.check_fits(spec, figures=gpu(80))
+
+
+def test_memory_limit_that_is_not_a_number_is_an_error(monkeypatch):
+    monkeypatch.setenv(memory.LIMIT_ENV, "twenty")
+    with pytest.raises(memory.EstimateError, match="RAGSERVE_MEMORY_LIMIT_GB='twenty'"):
+        memory.check_fits(smol_spec())

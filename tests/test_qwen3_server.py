@@ -11,7 +11,6 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-pytest.importorskip("ragserve.api.app")
 
 import qwen3_reference as ref  # noqa: E402
 from qwen3_models import ensure_models  # noqa: E402
@@ -138,20 +137,9 @@ def test_rerank_instruction_from_request(server, models, reranker_uid):
 EXACT_LLAMA = {"flash_attn": "off", "cache_type_k": "f32", "cache_type_v": "f32"}
 
 
-def _llama_engine_takes_precision_options() -> bool:
-    import inspect
-
-    from ragserve.engines import llama_cpp
-
-    source = inspect.getsource(llama_cpp)
-    return "cache_type_k" in source and "flash_attn" in source
-
-
 @pytest.mark.parametrize("mode", ["plain", "rank", "rank-override-yes_no"])
 def test_gguf_reranker_matches_reference(server, models, mode):
     pytest.importorskip("xllamacpp")
-    if not _llama_engine_takes_precision_options():
-        pytest.skip("the llama.cpp engine does not pass flash_attn / cache_type_k / cache_type_v options yet")
     path = models["reranker_gguf_plain" if mode == "plain" else "reranker_gguf_rank"]
     options = {**EXACT_LLAMA, **({"rerank_mode": "yes_no"} if mode.endswith("yes_no") else {})}
     extra = {"options": options}

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional
 # Defaults the engines use when the launch gives no n_ctx.
 from ragserve.engines.defaults import LLAMA_CHAT_CTX, LLAMA_EMBED_CTX, LLAMA_RERANK_PARALLEL, TORCH_MAX_LENGTH
 from ragserve.control.spec import ModelSpec, ModelType
+from ragserve.engines.qwen3 import Family, family_from_name
 
 log = logging.getLogger("ragserve.memory")
 
@@ -67,12 +68,14 @@ SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
 
 # Qwen3 sizes (nominal -> parameters in billions, layers, hidden, intermediate), for planning before
 # the files are pulled and for "a smaller size fits" advice. KV heads 8 and head dim 128 for all.
-QWEN3_SIZES: dict[str, list[tuple[str, float, int, int, int]]] = {
-    "Qwen3": [("32B", 32.76, 64, 5120, 25600), ("14B", 14.77, 40, 5120, 17408), ("8B", 8.19, 36, 4096, 12288),
+# Keyed by the one family vocabulary (ragserve.engines.qwen3.Family); SIZE_NAMES is how hubs spell them.
+QWEN3_SIZES: dict[Family, list[tuple[str, float, int, int, int]]] = {
+    Family.CHAT: [("32B", 32.76, 64, 5120, 25600), ("14B", 14.77, 40, 5120, 17408), ("8B", 8.19, 36, 4096, 12288),
               ("4B", 4.02, 36, 2560, 9728), ("1.7B", 2.03, 28, 2048, 6144), ("0.6B", 0.75, 28, 1024, 3072)],
-    "Qwen3-Embedding": [("8B", 7.57, 36, 4096, 12288), ("4B", 4.02, 36, 2560, 9728), ("0.6B", 0.6, 28, 1024, 3072)],
-    "Qwen3-Reranker": [("8B", 8.19, 36, 4096, 12288), ("4B", 4.02, 36, 2560, 9728), ("0.6B", 0.6, 28, 1024, 3072)],
+    Family.EMBEDDING: [("8B", 7.57, 36, 4096, 12288), ("4B", 4.02, 36, 2560, 9728), ("0.6B", 0.6, 28, 1024, 3072)],
+    Family.RERANKER: [("8B", 8.19, 36, 4096, 12288), ("4B", 4.02, 36, 2560, 9728), ("0.6B", 0.6, 28, 1024, 3072)],
 }
+SIZE_NAMES = {Family.CHAT: "Qwen3", Family.EMBEDDING: "Qwen3-Embedding", Family.RERANKER: "Qwen3-Reranker"}
 
 
 class InsufficientMemory(Exception):
@@ -84,6 +87,11 @@ class InsufficientMemory(Exception):
         self.estimate = estimate
         self.figures = figures
         self.suggestions = list(suggestions or [])
+
+
+class EstimateError(ValueError):
+    """The estimate cannot be made from the model's files (damaged config, header or setting): the
+    message names the file and the fix. Never a silent launch without the check."""
 
 
 def gib(n: float) -> str:
@@ -158,10 +166,14 @@ class MemoryEstimate:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON file, or {} when it does not exist; a damaged file is an EstimateError."""
+    if not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    except (OSError, ValueError) as exc:
+        raise EstimateError(f"{path} is not readable JSON ({exc}): the download is damaged; pull the model "
+                            f"again") from exc
 
 
 def _gguf_shards(path: Path) -> list[Path]:
@@ -179,10 +191,14 @@ def glob_escape(text: str) -> str:
 
 def _gguf_facts(path: Path) -> tuple[Architecture, Optional[str], Optional[float], bool]:
     """(architecture, quantization name, parameters in billions, has a classifier head)."""
-    from ragserve.engines.gguf_meta import read_gguf_header
+    from ragserve.engines.gguf_meta import GGUFFormatError, gguf_facts
 
-    meta, tensors = read_gguf_header(path)
-    arch_name = str(meta.get("general.architecture") or "")
+    try:
+        facts = gguf_facts(path)
+    except GGUFFormatError as exc:  # names the file and the fix
+        raise EstimateError(str(exc)) from exc
+    meta, tensors = facts["fields"], facts["tensors"]
+    arch_name = facts["architecture"]
 
     def key(name: str) -> Any:
         return meta.get(f"{arch_name}.{name}")
@@ -204,8 +220,7 @@ def _gguf_facts(path: Path) -> tuple[Architecture, Optional[str], Optional[float
         arch.decoder = False
     quant = GGUF_FILE_TYPES.get(int(meta["general.file_type"])) if "general.file_type" in meta else None
     params = sum(math.prod(dims) for dims in tensors.values()) / 1e9 if tensors else None
-    has_cls = any(name.startswith("cls.") for name in tensors)
-    return arch, quant, params, has_cls
+    return arch, quant, params, facts["has_classifier"]
 
 
 def _config_arch(config: dict[str, Any]) -> Architecture:
@@ -251,10 +266,11 @@ def _safetensors_params(folder: Path) -> tuple[Optional[float], Optional[str], i
             with open(path, "rb") as fh:
                 length, = struct.unpack("<Q", fh.read(8))
                 if length > 100 * MiB:
-                    return None, None, disk
+                    raise ValueError(f"header length {length} is not plausible")
                 header = json.loads(fh.read(length))
-        except (OSError, ValueError, struct.error):
-            return None, None, disk
+        except (OSError, ValueError, struct.error) as exc:
+            raise EstimateError(f"{path} has no readable safetensors header ({exc}): the download is damaged or "
+                                f"cut; pull the model again") from exc
         for name, info in header.items():
             if name == "__metadata__" or not isinstance(info, dict):
                 continue
@@ -395,13 +411,14 @@ def estimate(spec: ModelSpec) -> MemoryEstimate:
 
 def _known_model(text: str) -> Optional[tuple[float, Architecture, str]]:
     """(parameters in billions, architecture, name) for a Qwen3 model named in `text`."""
-    for family in ("Qwen3-Embedding", "Qwen3-Reranker", "Qwen3"):
+    for family in (Family.EMBEDDING, Family.RERANKER, Family.CHAT):  # the longer names first
         for label, params, layers, hidden, intermediate in QWEN3_SIZES[family]:
-            if re.search(re.escape(f"{family}-{label}") + r"(?![\d.])", text, re.IGNORECASE):
+            name = f"{SIZE_NAMES[family]}-{label}"
+            if re.search(re.escape(name) + r"(?![\d.])", text, re.IGNORECASE):
                 arch = Architecture(layers=layers, kv_heads=8, head_dim_k=128, head_dim_v=128, hidden=hidden,
                                     intermediate=intermediate, heads=hidden // 128, trained_ctx=40960, decoder=True,
-                                    name=f"{family}-{label}")
-                return params, arch, f"{family}-{label}"
+                                    name=name)
+                return params, arch, name
     return None
 
 
@@ -519,7 +536,9 @@ def _gpu_figures() -> Optional[MemoryFigures]:
         free, total = torch.cuda.mem_get_info(0)
         return MemoryFigures("gpu", f"GPU 0 ({torch.cuda.get_device_name(0)})", int(total), int(free),
                              source="torch.cuda.mem_get_info")
-    except Exception:
+    except (ImportError, RuntimeError) as exc:
+        # A driver but neither nvidia-smi nor a working torch.cuda: RAM is the measure, and check_fits says so.
+        log.warning("memory check: a GPU driver is present but its memory cannot be read (%s)", exc)
         return None
 
 
@@ -552,8 +571,8 @@ def memory_limit_bytes() -> Optional[int]:
     try:
         return int(float(raw) * GiB)
     except ValueError:
-        log.warning("%s=%r is not a number of GiB; ignored", LIMIT_ENV, raw)
-        return None
+        raise EstimateError(f"{LIMIT_ENV}={raw!r} is not a number of GiB: set it to e.g. 20 (or unset it) and "
+                            f"restart the server") from None
 
 
 def available(device: Optional[str] = None, *, server_pid: Optional[int] = None,
@@ -578,8 +597,11 @@ def available(device: Optional[str] = None, *, server_pid: Optional[int] = None,
     for spec, pid, ram_held, parent in running_workers():
         try:
             est = estimate(spec)
-        except Exception as exc:  # a worker whose files moved: nothing to reserve for it
-            log.debug("cannot estimate running worker %s: %s", spec.uid, exc)
+        except (OSError, EstimateError) as exc:
+            # Its files moved or changed since it loaded: what it still has to take is unknown, so only
+            # what it already holds (already out of the free figure) counts; the log says so.
+            log.warning("memory check: cannot estimate running model %s (%s); counting only what it holds now",
+                        spec.uid, exc)
             continue
         if est.device != figures.device:
             continue
@@ -593,11 +615,10 @@ def available(device: Optional[str] = None, *, server_pid: Optional[int] = None,
 # ---- the check ---------------------------------------------------------------------------------
 
 def _family_sizes(spec: ModelSpec, est: MemoryEstimate) -> tuple[Optional[str], list[tuple]]:
-    text = f"{Path(spec.model_path).name} {est.arch.name} {spec.model_name}"
-    for family in ("Qwen3-Embedding", "Qwen3-Reranker", "Qwen3"):
-        if re.search(re.escape(family) + r"[-_ ]?\d", text, re.IGNORECASE):
-            return family, QWEN3_SIZES[family]
-    return None, []
+    family = family_from_name(f"{Path(spec.model_path).name} {est.arch.name} {spec.model_name}")
+    if family not in QWEN3_SIZES:
+        return None, []
+    return SIZE_NAMES[family], QWEN3_SIZES[family]
 
 
 def suggest(spec: ModelSpec, est: MemoryEstimate, budget: int) -> list[str]:
@@ -664,6 +685,14 @@ def suggest(spec: ModelSpec, est: MemoryEstimate, budget: int) -> list[str]:
     return ideas
 
 
+def _estimate_or_explain(spec: ModelSpec) -> MemoryEstimate:
+    try:
+        return estimate(spec)
+    except (OSError, EstimateError) as exc:
+        raise EstimateError(f"no memory estimate for {spec.uid!r}: {exc}. Fix the files, or launch with force=true "
+                            f"(--force) to skip the memory check") from exc
+
+
 def check_fits(spec: ModelSpec, *, also: Iterable[ModelSpec] = (), figures: Optional[MemoryFigures] = None,
                server_pid: Optional[int] = None) -> Optional[MemoryEstimate]:
     """Return the estimate if `spec` fits, else raise InsufficientMemory with figures and suggestions.
@@ -671,23 +700,16 @@ def check_fits(spec: ModelSpec, *, also: Iterable[ModelSpec] = (), figures: Opti
     `also`: models about to be launched before this one (a stack), counted as reserved.
     `figures`: the free memory to plan against (default: measured now with `available`).
     `server_pid`: the gateway whose models count against RAGSERVE_MEMORY_LIMIT_GB (default: this process).
-    Returns None when the files cannot be read well enough to estimate: the engine then
-    reports the real problem when it loads them, which is the better error.
+    Files that cannot be read well enough to estimate raise EstimateError (naming the file
+    and the fix; launching with force skips the check), never a silent launch without it.
     """
-    try:
-        est = estimate(spec)
-    except Exception as exc:
-        log.warning("no memory estimate for %s (%s); launching without the check", spec.uid, exc)
-        return None
+    est = _estimate_or_explain(spec)
     figures = figures or available(est.device, server_pid=server_pid)
     budget = figures.budget_bytes
     planned = 0
     planned_by = []
     for other in also:
-        try:
-            other_est = estimate(other)
-        except Exception:
-            continue
+        other_est = _estimate_or_explain(other)
         if other_est.device == est.device:
             planned += other_est.total_bytes
             planned_by.append(f"{other.uid} {gib(other_est.total_bytes)}")

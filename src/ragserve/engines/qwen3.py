@@ -271,7 +271,3 @@ def gguf_family(facts: dict) -> Family | None:
         return Family.EMBEDDING
     return _variant_from_name(names)
 
-
-def gguf_rerank_template(instruction: str | None = None) -> str:
-    """The named "rerank" chat template llama.cpp's converter stores ({query}/{document} placeholders)."""
-    return rerank_prompt("{query}", "{document}", instruction)

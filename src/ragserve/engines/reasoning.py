@@ -11,15 +11,14 @@ runs it through one splitter per request:
         ...  # send whichever is non-empty
     reasoning, content = splitter.flush()  # at the end: what was held back
 
-    reasoning, content = split_reasoning(full_text)  # the same, in one go (non-streaming)
-
 Rules:
 - Only a `<think>` at the very start of the output (leading whitespace allowed) opens
   reasoning; a model that merely mentions the tag later in its answer keeps it as content.
 - Some templates open `<think>` in the prompt themselves (the output then holds only the
-  closing tag): pass start_in_reasoning=True, or use `prompt_opens_reasoning(prompt)`.
-  Without that hint, a `</think>` met before any `<think>` still ends reasoning, but the text
-  before it has already gone out as content when streaming; `split_reasoning` moves it.
+  closing tag): every engine renders its prompt, and LLMEngine.opens_reasoning decides with
+  `prompt_opens_reasoning(prompt)`, so the splitter starts in reasoning. Without that hint, a
+  `</think>` met before any `<think>` still ends reasoning, but the text before it has
+  already gone out as content.
 - Tags split across chunks are handled: the splitter holds back a possible tag prefix
   (at most len("</think>") - 1 characters) until the next chunk decides it.
 - Whitespace around the reasoning and at the start of the answer is dropped, as Qwen3
@@ -146,12 +145,3 @@ class ReasoningSplitter:
             self._content_started = True
         out.append(text)
 
-
-def split_reasoning(text: str, *, start_in_reasoning: bool = False) -> tuple[str, str]:
-    """Non-streaming split: (reasoning, content) of a whole response."""
-    if not start_in_reasoning and CLOSE_TAG in text and OPEN_TAG not in text.split(CLOSE_TAG, 1)[0]:
-        start_in_reasoning = True  # the prompt opened the block; no need to guess when text is whole
-    splitter = ReasoningSplitter(start_in_reasoning=start_in_reasoning)
-    reasoning, content = splitter.feed(text)
-    tail_reasoning, tail_content = splitter.flush()
-    return reasoning + tail_reasoning, content + tail_content
