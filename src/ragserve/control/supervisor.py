@@ -225,7 +225,9 @@ class Supervisor:
         record.ready.clear()
         record.kill_reason = None
         record.probe_misses = 0
-        record.threads = plan_threads(r.spec for r in self.records.values())[spec.uid]
+        # Shared with the models that run (a failed one holds no cores); see control/threads.py.
+        running = [r.spec for r in self.records.values() if r is record or r.state != ModelState.FAILED]
+        record.threads = plan_threads(running)[spec.uid]
         log_file = open(self.home.worker_log(spec.uid), "ab")
         record.process = subprocess.Popen(
             [sys.executable, "-m", "ragserve.workers.worker", "--spec-file", str(spec_file), "--port",
