@@ -119,7 +119,8 @@ def _open_to_network_warning(host: str) -> Optional[str]:
     if _is_loopback(host) or keys_from_env():
         return None
     return (f"ragserve listens on {host}, reachable from other machines, and has no API key (--allow-no-key): "
-            f"anyone who can reach this port can run and launch models.")
+            f"anyone who can reach this port can run and launch models. Close it with a key: --api-key-file PATH "
+            f"or RAGSERVE_API_KEYS=k1,k2.")
 
 
 def _refuse_open_without_key(host: str, keys: list[str], allow_no_key: bool) -> None:
