@@ -318,8 +318,9 @@ def _gguf_vocab(folder: Path):
     return tokens, types, merges
 
 
-def write_gguf(folder: Path, out: Path, *, classifier_head: bool = False) -> Path:
-    """Convert a tiny Qwen3 folder to an f32 GGUF, as llama.cpp's converter would."""
+def write_gguf(folder: Path, out: Path, *, classifier_head: bool = False, last_pooling: bool = False) -> Path:
+    """Convert a tiny Qwen3 folder to an f32 GGUF, as llama.cpp's converter would (last_pooling: as the
+    official Qwen3-Embedding GGUFs, pooling_type LAST, no EOS added by the tokenizer)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -371,6 +372,8 @@ def write_gguf(folder: Path, out: Path, *, classifier_head: bool = False) -> Pat
 
     embed = weights["model.embed_tokens.weight"]
     head = weights.get("lm_head.weight", embed)
+    if last_pooling:
+        writer.add_pooling_type(gguf.PoolingType.LAST)
     if classifier_head:
         writer.add_pooling_type(gguf.PoolingType.RANK)
         writer.add_classifier_output_labels(["yes", "no"])
@@ -433,6 +436,7 @@ def ensure_layout_models(base: Path) -> dict[str, Path]:
         "reranker_neutral": root / "reranker" / snapshot,
         "thinking": root / "Qwen3-Tiny-Thinking",
         "thinking_gguf": root / "gguf" / "Qwen3-Tiny-Thinking-f32.gguf",
+        "embedding_gguf": root / "gguf" / "Qwen3-Embedding-Tiny-f32.gguf",
     }
     done = root / ".complete"
     if not done.exists():
@@ -442,5 +446,6 @@ def ensure_layout_models(base: Path) -> dict[str, Path]:
         build_model(extra["thinking"], kind="thinking", seed=5)
         extra["thinking_gguf"].parent.mkdir(parents=True, exist_ok=True)
         write_gguf(extra["thinking"], extra["thinking_gguf"])
+        write_gguf(paths["embedding"], extra["embedding_gguf"], last_pooling=True)
         done.write_text("ok")
     return {**paths, **extra}

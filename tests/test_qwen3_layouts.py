@@ -117,3 +117,21 @@ def test_ragserve_list_shows_the_rule(server, embedding, reranker):
     rows = {line.split()[1]: line for line in out.stdout.splitlines() if line.strip().startswith("│ layout-")}
     assert "qwen3-embedding: last-token pooling" in rows[embedding[0]]
     assert "qwen3-reranker: yes/no judging prompt" in rows[reranker[0]]
+
+
+# llama.cpp with an f32 KV cache and no flash attention reproduces the reference to ~1e-6.
+EXACT_LLAMA = {"flash_attn": "off", "cache_type_k": "f32", "cache_type_v": "f32"}
+
+
+def test_qwen3_embedding_gguf_gets_the_rules_on_llama_cpp(server, models):
+    """The GGUF conversion (pooling LAST, no EOS added by its tokenizer), launched without an engine."""
+    uid = ensure_model(server, "layout-embed-gguf", model_name="layout-embed-gguf", model_type="embedding",
+                       model_path=str(models["embedding_gguf"]), options=EXACT_LLAMA)
+    model = described(server, uid)
+    assert model["model_engine"] == "llama.cpp" and model["info"]["rule"].startswith("qwen3-embedding")
+    folder = models["embedding"]
+    body = post(server, "/v1/embeddings", {"model": uid, "input": DOCS})
+    ref.assert_close([d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])],
+                     [ref.embedding(folder, d) for d in DOCS])
+    body = post(server, "/v1/embeddings", {"model": uid, "input": [QUERY], "input_type": "query", "dimensions": 16})
+    ref.assert_close(body["data"][0]["embedding"], ref.cut(ref.embedding(folder, QUERY, query=True), 16))

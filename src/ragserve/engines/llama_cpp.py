@@ -239,12 +239,26 @@ class LlamaChatEngine(LLMEngine):
                               completion_tokens=completion_tokens)
 
 
+def _qwen3_embedding_eos(spec: ModelSpec, metadata: dict[str, Any]) -> str:
+    """Qwen3-Embedding pools the hidden state of <|endoftext|> closing every text. The official GGUFs
+    leave it to the caller (their tokenizer adds no EOS), so the engine appends it as text, which
+    llama.cpp parses as the special token; a GGUF that adds it itself gets nothing extra."""
+    tokens, fields = metadata.get("tokens") or [], metadata["fields"]
+    if "<|endoftext|>" not in tokens:
+        raise EngineError(f"{spec.model_path} is a Qwen3-Embedding GGUF without <|endoftext|> in its vocabulary, "
+                          f"so its last-token pooling cannot be applied: convert it again from the official repo")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    adds_eos = fields.get("tokenizer.ggml.add_eos_token") and isinstance(eos, int) and eos < len(tokens)
+    return "" if adds_eos and tokens[eos] == "<|endoftext|>" else "<|endoftext|>"
+
+
 class LlamaEmbeddingEngine(EmbeddingEngine):
     def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
         super().__init__(spec)
         self.metadata = metadata
         self.family = metadata.get("family")
-        self.supports_dimensions = self.family == "qwen3-embedding"
+        self.supports_dimensions = self.family == qwen3.Family.EMBEDDING
+        self.eos_suffix = _qwen3_embedding_eos(spec, metadata) if self.supports_dimensions else ""
         trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
         self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))
         pooling = spec.options.get("pooling") or ("last" if self.family == "qwen3-embedding" else None)
@@ -272,7 +286,7 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
                                            default_task=self.spec.options.get("embedding_task"))
         elif instruction:  # no family rule: the instruction is a prefix, as the other engines apply it
             texts = [f"{instruction}{t}" for t in texts]
-        vectors, tokens = self._embed_raw(texts)
+        vectors, tokens = self._embed_raw([t + self.eos_suffix for t in texts])
         return EmbeddingOutput(vectors=vectors, prompt_tokens=tokens)
 
 
