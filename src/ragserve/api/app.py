@@ -20,6 +20,10 @@ from ragserve import __version__
 from ragserve.api.auth import (USAGE_TRAILER_HEADER, USAGE_TRAILER_PREFIX, WORKER_TOKEN_HEADER,
                                APIKeyMiddleware, KeyChecker, keys_from_env)
 from ragserve.api.fast_routes import FastJSONRoutes
+from ragserve.api.guards import (DoubledPrefixMiddleware, HeaderLimitMiddleware, HostCheckMiddleware,
+                                 allowed_hosts_from_env)
+from ragserve.api.http_limits import HeaderLimits
+from ragserve.api.logsafe import install_log_escaping
 from ragserve.api.errors import APIError, error_response, install_error_handlers, model_not_found
 from ragserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ragserve.api.metrics import GatewayMetrics, ObserveMiddleware, usage_from_json
@@ -136,6 +140,7 @@ def model_description(record: ModelRecord) -> dict[str, Any]:
                           ModelType.RERANK: ["rerank"]}[spec.model_type],
         "context_length": record.info.get("context_length") or spec.n_ctx,
         "dimensions": record.info.get("dimensions"),
+        **_max_tokens(record),
         "state": record.state.value,
         "error": record.error,
         "restarts": record.restarts,
@@ -145,7 +150,21 @@ def model_description(record: ModelRecord) -> dict[str, Any]:
     }
 
 
-def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[list[str]] = None) -> FastAPI:
+def _max_tokens(record: ModelRecord) -> dict[str, int]:
+    """Xinference describes an embedding model with `max_tokens`, the longest input it embeds whole; Dify's
+    Xinference plugin reads it (and assumes 512 without it). Told only once the worker has reported it."""
+    if record.spec.model_type != ModelType.EMBEDDING:
+        return {}
+    limit = record.info.get("context_length") or record.spec.n_ctx
+    return {"max_tokens": int(limit)} if limit else {}
+
+
+def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[list[str]] = None,
+               bind_host: Optional[str] = None, allowed_hosts: Optional[list[str]] = None) -> FastAPI:
+    """The gateway app. `bind_host` is the address the server listens on: on a loopback address only
+    loopback host names (and `allowed_hosts`, else RAGSERVE_ALLOWED_HOSTS) are answered (api/guards.py)."""
+    install_log_escaping()
+    header_limits = HeaderLimits.from_env()
     supervisor = Supervisor(home)
     checker = KeyChecker(keys_from_env() if api_keys is None else api_keys)
     metrics = GatewayMetrics(lambda: [{"uid": uid, "state": r.state.value, "restarts": r.restarts,
@@ -348,12 +367,17 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
                   "/rerank": (RerankRequest, rerank),
                   "/v2/rerank": (RerankRequest, rerank)}
 
-    # Last added runs first: observe everything (401s and 413s too), check the key before reading a body;
-    # the hot routes answer innermost, after every check.
+    # Last added runs first: `/v1/v1/...` becomes `/v1/...` before anything reads the path; observe everything
+    # (431s, 421s, 401s and 413s too); bound the headers, then check the host name and the key before reading
+    # a body; the hot routes answer innermost, after every check.
     app.add_middleware(FastJSONRoutes, routes=hot_routes)
     app.add_middleware(RequestLimitMiddleware)
     app.add_middleware(APIKeyMiddleware, checker=checker)
+    app.add_middleware(HostCheckMiddleware, bind_host=bind_host,
+                       allowed_hosts=allowed_hosts_from_env() if allowed_hosts is None else allowed_hosts)
+    app.add_middleware(HeaderLimitMiddleware, limits=header_limits)
     app.add_middleware(ObserveMiddleware, metrics=metrics)
+    app.add_middleware(DoubledPrefixMiddleware)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions_route(body: ChatCompletionRequest, request: Request) -> Response:
@@ -411,10 +435,26 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
             raise APIError(409, f"a model with uid {spec.uid!r} is already {existing.state.value}: terminate it "
                                 f"first or choose another --model-uid", code="model_exists", param="model_uid")
         await _check_memory(spec, body.force)
-        record = await supervisor.launch(spec, wait_ready=body.wait_ready)
+        record = await _launch_or_forget(spec, body.wait_ready)
         if record.state == ModelState.FAILED:
             raise APIError(500, f"model {spec.uid!r} failed to load: {record.error}", code="load_failed")
         return JSONResponse({"model_uid": spec.uid, "state": record.state.value})
+
+    async def _launch_or_forget(spec: ModelSpec, wait_ready: bool) -> ModelRecord:
+        """supervisor.launch, leaving no record behind when it raises: a record it made before failing would
+        stay `loading` for ever (terminate says 404 to its name, launch 409)."""
+        before = supervisor.records.get(spec.uid)
+        try:
+            return await supervisor.launch(spec, wait_ready=wait_ready)
+        except Exception as exc:
+            left = supervisor.records.get(spec.uid)
+            if left is not None and left is not before:
+                await supervisor.terminate(spec.uid)
+            if isinstance(exc, ValueError):  # the supervisor's refusals name their cause and fix
+                raise APIError(400, str(exc), code="invalid_launch") from exc
+            log.exception("launching %s failed", spec.uid)
+            raise APIError(500, f"could not start a worker for {spec.uid!r}: {type(exc).__name__}: {exc}. "
+                                f"The server log has the traceback.", code="launch_failed") from exc
 
     @app.delete("/v1/models/{model_uid}", tags=["models"])
     async def terminate_model(model_uid: str) -> dict[str, Any]:

@@ -5,15 +5,26 @@ Unknown fields are ignored (clients send many vendor extras); wrong types are 40
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Upper bounds checked before any engine work, so a huge request costs nothing.
 MAX_INPUT_ITEMS = 2048
 MAX_TEXT_CHARS = 200_000
 MAX_DOCUMENTS = 1000
 MAX_GENERATION_TOKENS = 32768
+# Integers a client may send are bounded like the types engines store them in: a seed is an int64 (as in
+# OpenAI's API), counts fit an int32. Beyond that an engine fails (500) instead of the request (400).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_DIMENSIONS = 65536
+MAX_CONTEXT = 2**24
+# A model uid names the model's files (worker log, spec file) and is part of URLs, so it is a plain name.
+UID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
+_UID_RE = re.compile(UID_PATTERN)
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class _Request(BaseModel):
@@ -52,7 +63,7 @@ class _SamplingFields(_Request):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_GENERATION_TOKENS)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -123,7 +134,7 @@ class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Optional[int] = Field(default=None, ge=1)
+    dimensions: Optional[int] = Field(default=None, ge=1, le=MAX_DIMENSIONS)
     user: Optional[str] = None
     # Query vs document: instruction-tuned embedders (Qwen3-Embedding) prefix queries only.
     # `input_type` follows Cohere/Jina/NVIDIA naming; `is_query` is accepted as a boolean alias.
@@ -167,10 +178,10 @@ class RerankRequest(_Request):
     model: str = Field(min_length=1)
     query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     documents: list[Union[str, dict[str, Any]]] = Field(min_length=1, max_length=MAX_DOCUMENTS)
-    top_n: Optional[int] = Field(default=None, ge=1)
+    top_n: Optional[int] = Field(default=None, ge=1, le=INT32_MAX)
     return_documents: Optional[bool] = None
     return_len: Optional[bool] = None
-    max_chunks_per_doc: Optional[int] = None
+    max_chunks_per_doc: Optional[int] = Field(default=None, ge=1, le=INT32_MAX)
     instruction: Optional[str] = None
 
     @model_validator(mode="before")
@@ -198,7 +209,7 @@ class RerankRequest(_Request):
 class LaunchRequest(_Request):
     """POST /v1/models in Xinference's shape (what `xinference launch` and its RESTfulClient send)."""
 
-    model_uid: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+    model_uid: Optional[str] = Field(default=None, pattern=UID_PATTERN)
     model_name: str = Field(min_length=1, max_length=128)
     model_type: str = "LLM"
     model_engine: Optional[str] = None
@@ -207,7 +218,7 @@ class LaunchRequest(_Request):
     quantization: Optional[str] = None
     model_size_in_billions: Optional[Union[float, str]] = None
     size_in_billions: Optional[Union[float, str]] = None
-    n_ctx: Optional[int] = Field(default=None, ge=16)
+    n_ctx: Optional[int] = Field(default=None, ge=16, le=MAX_CONTEXT)
     n_parallel: Optional[int] = Field(default=None, ge=1, le=64)
     source: Optional[str] = None
     revision: Optional[str] = None
@@ -216,6 +227,17 @@ class LaunchRequest(_Request):
     options: dict[str, Any] = Field(default_factory=dict)
     # Xinference passes engine kwargs flat at the top level (e.g. n_ctx, reasoning_content).
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @field_validator("model_name")
+    @classmethod
+    def _name_rule(cls, value: str, info: ValidationInfo) -> str:
+        if not info.data.get("model_uid") and not _UID_RE.fullmatch(value):
+            raise ValueError(f"{value[:40]!r} cannot be the model's uid, which it is when model_uid is not given: "
+                             f"use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 128), "
+                             f"or pass a model_uid of that form")
+        if _CONTROL_RE.search(value):
+            raise ValueError("model_name must not hold control characters (newline, NUL, ...)")
+        return value
 
     def size_b(self) -> Optional[float]:
         raw = self.size_in_billions or self.model_size_in_billions
