@@ -5,12 +5,13 @@ worker is started with its share."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import minilm_path
+from conftest import minilm_path, start_server, stop_server
 from ragserve.control.spec import ModelSpec, ModelType
 from ragserve.control.threads import plan_threads
 
@@ -64,3 +65,33 @@ def test_workers_start_with_their_share_of_the_servers_cores(fresh_server):
     third = fresh_server.launch(model_uid="th-three", model_name="th-three", model_type="embedding",
                                 model_path=minilm_path(), options={"n_threads": 1})
     assert worker_threads(fresh_server, third) == (1, "1")
+
+
+def test_a_restarted_server_shares_the_cores_among_all_the_models_it_relaunches(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    cores = len(os.sched_getaffinity(0))
+    first = start_server(home)
+    try:
+        for uid in ("re-one", "re-two"):
+            first.launch(model_uid=uid, model_name=uid, model_type="embedding", model_path=minilm_path())
+        assert worker_threads(first, "re-one")[0] == cores  # launched alone, before the second existed
+    finally:
+        stop_server(first.process)
+    again = start_server(home)
+    try:
+        for uid in ("re-one", "re-two"):
+            wait_ready(again, uid)
+            assert worker_threads(again, uid) == (max(1, cores // 2), str(max(1, cores // 2)))
+    finally:
+        stop_server(again.process)
+
+
+def wait_ready(server, uid: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{server.url}/v1/models/{uid}")
+        if response.status_code == 200 and response.json()["state"] == "ready":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{uid} was not relaunched within {timeout} s")

@@ -143,6 +143,9 @@ class Supervisor:
         self._watch_task: Optional[asyncio.Task] = None
         self._closing = False
         self.restart_count = 0
+        # Models of the last run about to be relaunched: counted in the thread plan from the first relaunch on,
+        # so that the order of the relaunches does not decide who gets the cores.
+        self._relaunching: dict[str, ModelSpec] = {}
         # Shared with the workers through their environment; the gateway sends it on every forwarded call.
         self.worker_token = secrets.token_urlsafe(32)
 
@@ -173,9 +176,11 @@ class Supervisor:
     def saved_specs(self) -> list[ModelSpec]:
         try:
             data = json.loads(self.home.models_state_file.read_text())
-            return [ModelSpec.from_dict(item) for item in data.get("models", [])]
+            specs = [ModelSpec.from_dict(item) for item in data.get("models", [])]
         except (OSError, ValueError, KeyError, TypeError):
             return []
+        self._relaunching = {spec.uid: spec for spec in specs}
+        return specs
 
     def _save(self) -> None:
         if not self.persist or self._closing:
@@ -188,6 +193,7 @@ class Supervisor:
     # ---- launch / terminate ---------------------------------------------------------------
 
     async def launch(self, spec: ModelSpec, *, wait_ready: bool = True) -> ModelRecord:
+        self._relaunching.pop(spec.uid, None)
         explicit_threads(spec)  # a bad n_threads is refused before any record exists
         existing = self.records.get(spec.uid)
         if existing is not None:
@@ -227,6 +233,7 @@ class Supervisor:
         record.probe_misses = 0
         # Shared with the models that run (a failed one holds no cores); see control/threads.py.
         running = [r.spec for r in self.records.values() if r is record or r.state != ModelState.FAILED]
+        running += [s for uid, s in self._relaunching.items() if uid not in self.records]
         record.threads = plan_threads(running)[spec.uid]
         log_file = open(self.home.worker_log(spec.uid), "ab")
         record.process = subprocess.Popen(
