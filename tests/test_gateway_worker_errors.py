@@ -99,6 +99,7 @@ def test_a_stream_cut_by_a_frozen_worker_ends_with_an_error_event_and_done(froze
         worker.send_signal(signal.SIGCONT)
     assert events[-1] == "[DONE]"
     final = json.loads(events[-2])
+    assert set(final["error"]) >= {"message", "type", "param", "code"}  # the OpenAI error shape, in-band
     assert_worker_unavailable(final["error"])
     assert all("error" not in json.loads(event) for event in events[:-2])
     answers_again(frozen_server)

@@ -298,7 +298,8 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
                 finished = True
             except (_aiohttp().ClientError, asyncio.TimeoutError) as exc:
                 lost = timed_out(exc) if isinstance(exc, asyncio.TimeoutError) else await _worker_lost(record, exc)
-                error = {"error": {"message": lost.message, "type": "service_unavailable", "code": lost.code}}
+                error = {"error": {"message": lost.message, "type": "service_unavailable", "param": None,
+                                   "code": lost.code}}
                 yield f"data: {json.dumps(error)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
             finally:
