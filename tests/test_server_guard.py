@@ -145,3 +145,14 @@ def test_the_api_key_flag_still_works_and_warns_that_ps_shows_it(home):
         assert "--api-key puts the key in the process arguments" in log and "--api-key-file" in log
     finally:
         stop_server(running.process)
+
+
+def test_allowed_host_adds_a_host_name_the_loopback_server_answers(home):
+    running = start_server(home, "--allowed-host", "rag.internal:9997", "--allowed-host", "docs.internal")
+    try:
+        for name in ("rag.internal", "docs.internal", "localhost"):
+            assert httpx.get(f"{running.url}/v1/models", headers={"Host": name}).status_code == 200, name
+        refused = httpx.get(f"{running.url}/v1/models", headers={"Host": "rebound.example"})
+        assert refused.status_code == 421 and "--allowed-host" in refused.json()["error"]["message"]
+    finally:
+        stop_server(running.process)

@@ -132,11 +132,14 @@ def _refuse_open_without_key(host: str, keys: list[str], allow_no_key: bool) -> 
          f"that can reach this port is trusted; or bind --host 127.0.0.1.")
 
 
-def _check_worker_timeouts() -> None:
+def _check_limits() -> None:
+    """Bounds set in the environment are read before anything starts, so a typo is an error, not a default."""
+    from ragserve.api.http_limits import HeaderLimits
     from ragserve.control.supervisor import WorkerTimeouts
 
     try:
         WorkerTimeouts.from_env()
+        HeaderLimits.from_env()
     except ValueError as exc:
         fail(str(exc))
 
@@ -211,7 +214,7 @@ def serve(
     home = home_from(home_opt)
     keys, warnings = _collect_keys(api_key, api_key_file)
     _refuse_open_without_key(host, keys, allow_no_key)
-    _check_worker_timeouts()
+    _check_limits()
     lock_fd = _lock_home(home, *((None, None) if detach else (host, port)))
     problem = _port_problem(host, port)
     if problem:
@@ -240,8 +243,9 @@ def _run_foreground(home: Home, host: str, port: int, log_level: str, no_relaunc
     import uvicorn
 
     from ragserve.api.app import create_app
+    from ragserve.api.http_limits import uvicorn_options
 
-    app = create_app(home, relaunch_saved=not no_relaunch)
+    app = create_app(home, relaunch_saved=not no_relaunch, bind_host=host)
     _write_server_info(home, host, port)
     log = logging.getLogger("ragserve")
     log.info("ragserve on http://%s:%s (home %s); OpenAI base URL http://%s:%s/v1", host, port, home.root,
@@ -255,8 +259,9 @@ def _run_foreground(home: Home, host: str, port: int, log_level: str, no_relaunc
         signal.signal(sig, lambda *_: None)
     try:
         # log_config=None: keep the logging set up above (uvicorn's own dictConfig would add its handlers).
+        # uvicorn_options: the HTTP parser refuses a request head over RAGSERVE_MAX_HEADER_KB with 431 as it reads.
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
-                    log_config=None)
+                    log_config=None, **uvicorn_options())
     finally:
         _clear_server_info(home)
         os.close(lock_fd)  # the home is free for the next server only once this one's files are cleared
