@@ -302,3 +302,23 @@ def test_an_encoded_newline_cannot_forge_a_log_line(server):
     lines = log_text.splitlines()
     assert not [line for line in lines if line.startswith(forged) or line.startswith("127.0.0.1 -")]
     assert "/v1/models\\n127.0.0.1" in log_text  # the request is still logged, escaped
+
+
+def test_a_launch_that_fails_to_start_its_worker_leaves_no_record(server):
+    """A real fault after the supervisor made the record: its worker log cannot be opened (a folder is in
+    the way). The launch is a 500 naming the cause, and the uid is free again (no 409, no `loading`)."""
+    uid = "no-log-file"
+    blocker = server.home / "logs" / f"worker-{uid}.log"
+    blocker.mkdir()
+    try:
+        for _ in range(2):  # the second attempt must meet the same fault, not a record left by the first
+            r = httpx.post(f"{server.url}/v1/models", json={"model_uid": uid, "model_name": uid,
+                                                            "model_type": "embedding", "model_path": minilm_path()},
+                           timeout=120)
+            assert r.status_code == 500, r.text
+            assert httpx.get(f"{server.url}/v1/models/{uid}").status_code == 404
+            assert uid not in [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
+            error = assert_error(r, 500, "launch_failed")
+            assert uid in error["message"] and "IsADirectoryError" in error["message"]
+    finally:
+        blocker.rmdir()
