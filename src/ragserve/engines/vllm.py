@@ -46,7 +46,7 @@ from ragserve.engines import qwen3
 from ragserve.engines.base import (EmbeddingEngine, EmbeddingOutput, EngineError, EngineInputError,
                                    GenerationDelta, GenerationRequest, LLMEngine, RerankEngine, RerankOutput)
 from ragserve.engines.qwen3 import Family
-from ragserve.engines.vllm_command import model_family, serve_command
+from ragserve.engines.vllm_command import model_family, serve_command, vllm_version
 
 DEFAULT_LOAD_TIMEOUT_S = 1800.0  # a 14B model from a network disk can take many minutes
 LOG_TAIL_LINES = 40
@@ -119,6 +119,7 @@ class VllmServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.closing = False
+        vllm_version()  # no vllm package (or no `vllm` command in it): a clear error, not a child traceback
         args = serve_command(spec, port=self.port)
         self.command = shlex.join(["vllm", *args])
         env = {**os.environ, "RAGSERVE_VLLM_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
