@@ -65,6 +65,11 @@ def test_workers_start_with_their_share_of_the_servers_cores(fresh_server):
     third = fresh_server.launch(model_uid="th-three", model_name="th-three", model_type="embedding",
                                 model_path=minilm_path(), options={"n_threads": 1})
     assert worker_threads(fresh_server, third) == (1, "1")
+    bad = httpx.post(f"{fresh_server.url}/v1/models", timeout=60, json={
+        "model_uid": "th-bad", "model_name": "th-bad", "model_type": "embedding", "model_path": minilm_path(),
+        "n_threads": "many"})
+    assert bad.status_code == 400 and "n_threads" in bad.json()["error"]["message"], bad.text
+    assert httpx.get(f"{fresh_server.url}/v1/models/th-bad").status_code == 404
 
 
 def test_a_restarted_server_shares_the_cores_among_all_the_models_it_relaunches(tmp_path):
