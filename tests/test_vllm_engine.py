@@ -308,3 +308,16 @@ def test_reasoning_opened_by_the_chat_template_is_split(vllm_server, openai_clie
             reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
             content.append(choice.delta.content or "")
     assert ("".join(reasoning), "".join(content)) == ("hmm", "Paris")
+
+
+def test_missing_vllm_command_is_a_clear_error():
+    """Without the vllm package's metadata there is no `vllm` command to start: say so before spawning."""
+    import importlib.util
+
+    from ragserve.engines import vllm_command
+    from ragserve.engines.base import EngineError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("a vllm package is importable in this test process")
+    with pytest.raises(EngineError, match=r"no `vllm` command .*pip install 'ragserve\[vllm\]'"):
+        vllm_command.vllm_version()
