@@ -147,6 +147,7 @@ def model_description(record: ModelRecord) -> dict[str, Any]:
         "replica": 1,
         "address": record.base_url if record.port else None,
         "info": record.info,
+        "options": spec.options,  # launch options as given, e.g. demo_only (read by `ragserve check`)
     }
 
 
