@@ -86,3 +86,12 @@ def test_template_without_think_keeps_everything_content(server):
     reasoning, content, _ = chat(server, uid, stream=False)
     assert reasoning == "" and content
 
+
+
+def test_chat_template_option_that_is_not_jinja_fails_the_launch(server):
+    response = httpx.post(f"{server.url}/v1/models", json={
+        "model_name": "smollm-bad-template", "model_uid": "smollm-bad-template", "model_type": "LLM",
+        "model_path": smollm_gguf_path(), "options": {"chat_template": "{% for m in messages %}{{ m.content }}"}},
+        timeout=120)
+    assert response.status_code >= 400, response.text
+    assert "not valid jinja" in response.json()["error"]["message"]

@@ -49,10 +49,9 @@ def _special_token(metadata: dict[str, Any], which: str) -> str:
     return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
 
 
-def render_chat_template(template: str, messages: list[dict[str, Any]], *, bos_token: str, eos_token: str,
-                         **kwargs: Any) -> str:
-    """The prompt a jinja chat template gives for `messages` with the generation prompt, rendered as
-    llama.cpp and transformers do (sandboxed jinja, trim_blocks/lstrip_blocks, raise_exception)."""
+def compile_chat_template(template: str, where: str):
+    """A jinja chat template, compiled once as llama.cpp and transformers read them (sandboxed,
+    trim_blocks/lstrip_blocks, raise_exception, strftime_now, tojson)."""
     import datetime
 
     from jinja2.exceptions import TemplateError
@@ -66,8 +65,20 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], *, bos_t
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos_token,
-                                                eos_token=eos_token, **kwargs)
+        return env.from_string(template)
+    except TemplateError as exc:
+        raise EngineError(f"the chat template of {where} is not valid jinja ({exc}): launch it with a corrected "
+                          f"--chat_template") from exc
+
+
+def render_chat_template(compiled, messages: list[dict[str, Any]], *, bos_token: str, eos_token: str,
+                         **kwargs: Any) -> str:
+    """The prompt the template gives for `messages` with the generation prompt."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos_token,
+                               eos_token=eos_token, **kwargs)
     except TemplateError as exc:
         raise EngineInputError(f"the chat template rejected these messages: {exc}") from exc
 
@@ -151,6 +162,9 @@ class LlamaChatEngine(LLMEngine):
         trained = metadata.get("context_length") or DEFAULT_CHAT_CTX
         self.n_ctx = int(spec.n_ctx or min(int(trained), DEFAULT_CHAT_CTX))
         self.chat_template = spec.options.get("chat_template") or metadata.get("chat_template")
+        # Compiled once: each request renders it to know whether the prompt opens <think>.
+        self.compiled_template = (compile_chat_template(self.chat_template, os.path.basename(spec.model_path))
+                                  if self.chat_template else None)
         self.bos_token, self.eos_token = _special_token(metadata, "bos"), _special_token(metadata, "eos")
         self.server = _server(spec, n_ctx=self.n_ctx, n_parallel=self.max_concurrency)
 
@@ -167,7 +181,7 @@ class LlamaChatEngine(LLMEngine):
         if not self.chat_template:
             raise EngineInputError(f"{os.path.basename(self.spec.model_path)} has no chat template: use "
                                    f"/v1/completions with a prompt, or a chat/instruct model")
-        return render_chat_template(self.chat_template, request.messages, bos_token=self.bos_token,
+        return render_chat_template(self.compiled_template, request.messages, bos_token=self.bos_token,
                                     eos_token=self.eos_token, **request.chat_template_kwargs)
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
