@@ -206,3 +206,23 @@ def test_memory_limit_that_is_not_a_number_is_an_error(monkeypatch):
     monkeypatch.setenv(memory.LIMIT_ENV, "twenty")
     with pytest.raises(memory.EstimateError, match="RAGSERVE_MEMORY_LIMIT_GB='twenty'"):
         memory.check_fits(smol_spec())
+
+
+def test_launch_whose_estimate_cannot_be_made_is_a_400_naming_the_cause_and_passes_with_force(tmp_path):
+    """The gateway maps EstimateError to a 400 (not a 500, not a launch without the check)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    server = start_server(home, env={memory.LIMIT_ENV: "twenty"})
+    try:
+        payload = {"model_type": "LLM", "model_engine": "llama.cpp", "model_path": smollm_gguf_path(),
+                   "n_ctx": 512, "model_name": "smol-x"}
+        refused = httpx.post(f"{server.url}/v1/models", json=payload, timeout=300)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "memory_estimate_failed"
+        assert "RAGSERVE_MEMORY_LIMIT_GB='twenty'" in error["message"] and "force" in error["message"]
+        assert httpx.get(f"{server.url}/v1/models").json()["data"] == []
+        forced = httpx.post(f"{server.url}/v1/models", json={**payload, "force": True}, timeout=300)
+        assert forced.status_code == 200, forced.text
+    finally:
+        stop_server(server.process)

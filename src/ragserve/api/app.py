@@ -509,10 +509,10 @@ def _take_stream_usage(events: bytes, state: dict[str, Any]) -> bytes:
 
 
 def _is_hub_id(text: str) -> bool:
-    try:
-        from ragserve.hub import looks_like_hub_id
-    except ImportError:
-        return False
+    # ragserve.hub imports only the standard library at its top: an ImportError here is a broken install, not
+    # "not a hub ID" (that fallback would launch a hub ID as a missing local path).
+    from ragserve.hub import looks_like_hub_id
+
     return looks_like_hub_id(text)
 
 
@@ -530,14 +530,16 @@ async def _pull(model_id: str, body: LaunchRequest, home: Home) -> str:
 
 
 async def _check_memory(spec: ModelSpec, force: bool) -> None:
-    try:
-        from ragserve.control import memory
-    except ImportError:
+    """The memory plan, before any worker starts. An estimate that cannot be made is a 400 naming the file,
+    never a launch without the check."""
+    from ragserve.control import memory
+
+    if force:
         return
-    check = getattr(memory, "check_fits", None)
-    if check is None or force:
-        return
     try:
-        await asyncio.to_thread(check, spec)
+        await asyncio.to_thread(memory.check_fits, spec)
     except memory.InsufficientMemory as exc:
         raise APIError(400, f"{exc} Pass force=true (--force) to launch anyway.", code="insufficient_memory") from exc
+    except memory.EstimateError as exc:
+        raise APIError(400, f"{exc} Pass force=true (--force) to launch without the memory check.",
+                       code="memory_estimate_failed", param="model_path") from exc

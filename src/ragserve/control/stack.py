@@ -238,10 +238,8 @@ class LoadedStack:
         if model.hub:
             return model.hub
         if model.path and not model.path.startswith(BUILTIN_PREFIX) and self.local_path(model) is None:
-            try:
-                from ragserve.hub import looks_like_hub_id
-            except ImportError:
-                return None
+            from ragserve.hub import looks_like_hub_id  # standard library only: no fallback needed
+
             if looks_like_hub_id(model.path):
                 return model.path
         return None
