@@ -19,7 +19,7 @@ import uvicorn
 from conftest import free_port, minilm_path
 from ragserve.control.spec import ModelSpec, ModelState, ModelType
 from ragserve.engines.base import EngineInputError
-from ragserve.workers.batching import BatchSettings, DynamicBatcher
+from ragserve.workers.batching import BatchSettings, DynamicBatcher, EngineCall
 from ragserve.workers.worker import WorkerRuntime, create_worker_app
 
 SENTENCES = [f"Sentence {i}: the {['cat', 'river', 'engine', 'market'][i % 4]} moved {i * 7 % 13} times today."
@@ -35,12 +35,12 @@ class Recorder:
         self.calls: list[tuple[object, list[str]]] = []
         self.gate = threading.Event()
 
-    def __call__(self, key, items):
+    def __call__(self, key, items, should_stop):
         self.gate.wait(30)
         self.calls.append((key, list(items)))
         if any(item.startswith("bad") for item in items):
             raise EngineInputError(f"bad input in {items}")
-        return [f"{key}:{item}" for item in items], 10 * len(items), None
+        return EngineCall([f"{key}:{item}" for item in items], 10 * len(items))
 
 
 def run_jobs(recorder: Recorder, jobs: list[tuple[object, list[str]]], settings: BatchSettings):
@@ -102,10 +102,10 @@ def test_closed_loop_clients_regroup_into_one_call():
     """
     calls: list[int] = []
 
-    def engine(key, items):
+    def engine(key, items, should_stop):
         calls.append(len(items))
         time.sleep(0.03)
-        return list(items), len(items), None
+        return EngineCall(list(items), len(items))
 
     async def main():
         batcher = DynamicBatcher(engine, ThreadPoolExecutor(1), BatchSettings(max_batch_size=64, max_wait_s=0.2),

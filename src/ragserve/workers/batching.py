@@ -21,8 +21,10 @@ use the engine worse (on MiniLM, CPU: calls of 16 gave 0.75x the throughput of c
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Executor
@@ -108,6 +110,14 @@ def check_batch_options(options: dict[str, Any]) -> None:
         parse_batch_option(name, options.get(name))
 
 
+class QueueTimeout(Exception):
+    """A request waited longer than its queue deadline before its engine call could start."""
+
+    def __init__(self, waited_s: float):
+        super().__init__(f"waited {waited_s:.0f} s in the queue")
+        self.waited_s = waited_s
+
+
 @dataclass
 class BatchResult(Generic[T]):
     """One caller's share of a merged call."""
@@ -116,15 +126,27 @@ class BatchResult(Generic[T]):
     prompt_tokens: int
     batch_items: int  # items in the engine call that served it (1 caller alone: its own count)
     batch_requests: int
+    truncated: int = 0  # of this caller's items, how many the engine cut to fit the model's context
 
 
 @dataclass
+class EngineCall:
+    """What one engine call returned, per item where the engine knows it."""
+
+    results: Sequence[Any]
+    prompt_tokens: int
+    token_counts: Optional[Sequence[int]] = None
+    truncated: Optional[Sequence[bool]] = None
+
+
+@dataclass(eq=False)  # compared by identity: the queue removes a given caller's job
 class _Job:
     key: Hashable
     items: list[str]
     tokens: int
     future: asyncio.Future
     enqueued: float
+    started: bool = False  # taken into an engine call: the queue deadline no longer applies
 
 
 @dataclass
@@ -142,19 +164,26 @@ class BatchStats:
                 "requests_per_batch": dict(sorted(self.requests_per_batch.items()))}
 
 
-# (key, items) -> (one result per item, total prompt tokens, per-item tokens or None)
-RunBatch = Callable[[Hashable, list[str]], "tuple[Sequence[Any], int, Optional[Sequence[int]]]"]
+# (key, items, should_stop) -> the call's results. The engine checks should_stop() between items and
+# may end early once it is true: every caller of the call has gone, so nobody reads the results.
+RunBatch = Callable[[Hashable, list[str], Callable[[], bool]], EngineCall]
 
 
 class DynamicBatcher:
-    """Gathers concurrent requests into engine calls; one call at a time, on `executor`."""
+    """Gathers concurrent requests into engine calls; one call at a time, on `executor`.
+
+    A caller that goes away (its `submit` is cancelled) leaves the queue at once, and a running call
+    whose callers have all gone is told to stop. A caller still queued after `queue_timeout_s` gets
+    QueueTimeout instead of waiting on (None: no deadline).
+    """
 
     def __init__(self, run_batch: RunBatch, executor: Executor, settings: BatchSettings,
-                 item_tokens: Callable[[Hashable, str], int]):
+                 item_tokens: Callable[[Hashable, str], int], queue_timeout_s: Optional[float] = None):
         self.run_batch = run_batch
         self.executor = executor
         self.settings = settings
         self.item_tokens = item_tokens
+        self.queue_timeout_s = queue_timeout_s
         self.stats = BatchStats()
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
@@ -181,10 +210,24 @@ class DynamicBatcher:
         self._in_flight += 1
         self._peak = max(self._peak, self._in_flight)
         self._arrived.set()
+        deadline = None
+        if self.queue_timeout_s is not None:
+            deadline = loop.call_later(self.queue_timeout_s, self._expire, job)
         try:
             return await job.future
         finally:
             self._in_flight -= 1
+            if deadline is not None:
+                deadline.cancel()
+            if not job.started and job in self._queue:  # caller gone: its items never reach the engine
+                self._queue.remove(job)
+
+    def _expire(self, job: _Job) -> None:
+        if job.started or job.future.done():
+            return
+        if job in self._queue:
+            self._queue.remove(job)
+        job.future.set_exception(QueueTimeout(time.monotonic() - job.enqueued))
 
     async def close(self) -> None:
         if self._consumer is not None:
@@ -231,6 +274,8 @@ class DynamicBatcher:
         The wait counts from when the engine became free (or from the oldest arrival, if later):
         callers that queued during the previous call must not make the wait look already spent."""
         settings = self.settings
+        if not self._queue:  # its callers left or timed out while the consumer woke
+            return
         if self._queue[0].enqueued - self._last_done > IDLE_RESET_S:
             self._expected = 1  # the burst that set it is over
         if self._expected <= 1 or settings.max_wait_s <= 0 or settings.max_batch_size <= 1:
@@ -247,7 +292,9 @@ class DynamicBatcher:
                 return
 
     def _full(self) -> bool:
-        """Whether the jobs sharing the oldest job's key already fill one call."""
+        """Whether the jobs sharing the oldest job's key already fill one call (or nobody is left)."""
+        if not self._queue:
+            return True
         first = self._queue[0]
         items = tokens = 0
         for job in self._queue:
@@ -263,6 +310,7 @@ class DynamicBatcher:
         if not self._queue:
             return []
         first = self._queue.popleft()
+        first.started = True
         batch = [first]
         items, tokens = len(first.items), first.tokens
         kept: deque[_Job] = deque()
@@ -273,6 +321,7 @@ class DynamicBatcher:
                 continue
             if (not blocked and job.key == first.key and items + len(job.items) <= self.settings.max_batch_size
                     and tokens + job.tokens <= self.settings.max_tokens):
+                job.started = True
                 batch.append(job)
                 items += len(job.items)
                 tokens += job.tokens
@@ -286,18 +335,23 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         texts = [text for job in batch for text in job.items]
         key = batch[0].key
+        stop = _stop_when_all_gone(batch)
         try:
-            results, total_tokens, per_item = await loop.run_in_executor(self.executor, self.run_batch, key, texts)
+            call = await loop.run_in_executor(self.executor, self.run_batch, key, texts, stop.is_set)
         except Exception as exc:
-            if len(batch) > 1:
+            live = [job for job in batch if not job.future.done()]
+            if len(batch) > 1 and live:
                 # One caller's bad input (too long for the context...) must not fail the others:
-                # run each alone, so every caller gets its own answer or its own error.
-                for job in batch:
+                # run each remaining caller alone, so each gets its own answer or its own error.
+                for job in live:
                     await self._run([job])
                 return
-            if not batch[0].future.done():
-                batch[0].future.set_exception(exc)
+            for job in live:
+                job.future.set_exception(exc)
             return
+        if all(job.future.done() for job in batch):
+            return  # everyone left (the engine may have stopped early): nothing to hand out
+        results = call.results
         if len(results) != len(texts):
             error = RuntimeError(f"engine returned {len(results)} results for {len(texts)} inputs")
             for job in batch:
@@ -305,13 +359,15 @@ class DynamicBatcher:
                     job.future.set_exception(error)
             return
         self._record(batch, len(texts))
-        shares = _token_shares(batch, total_tokens, per_item)
+        shares = _token_shares(batch, call.prompt_tokens, call.token_counts)
         start = 0
         for job, tokens in zip(batch, shares):
             end = start + len(job.items)
             if not job.future.done():
+                cut = sum(bool(t) for t in call.truncated[start:end]) if call.truncated is not None else 0
                 job.future.set_result(BatchResult(items=list(results[start:end]), prompt_tokens=tokens,
-                                                  batch_items=len(texts), batch_requests=len(batch)))
+                                                  batch_items=len(texts), batch_requests=len(batch),
+                                                  truncated=cut))
             start = end
 
     def _record(self, batch: list[_Job], items: int) -> None:
@@ -322,6 +378,20 @@ class DynamicBatcher:
         stats.largest_batch = max(stats.largest_batch, items)
         stats.most_requests = max(stats.most_requests, len(batch))
         stats.requests_per_batch[len(batch)] += 1
+
+
+def _stop_when_all_gone(batch: list[_Job]) -> threading.Event:
+    """An event set (on the loop) once every caller of the call has its answer or has gone; the engine
+    thread reads it between items."""
+    stop = threading.Event()
+
+    def check(_: asyncio.Future) -> None:
+        if all(job.future.done() for job in batch):
+            stop.set()
+
+    for job in batch:
+        job.future.add_done_callback(check)
+    return stop
 
 
 def _token_shares(batch: list[_Job], total: int, per_item: Optional[Sequence[int]]) -> list[int]:
@@ -347,25 +417,51 @@ def _token_shares(batch: list[_Job], total: int, per_item: Optional[Sequence[int
 
 # ---- engine adapters ----------------------------------------------------------------------
 
-def embedding_batcher(engine: EmbeddingEngine, spec: ModelSpec, executor: Executor) -> DynamicBatcher:
+def _stop_keyword(method: Callable) -> bool:
+    """Whether the engine method takes `should_stop` (engines/base.py); one that does not runs each call
+    to its end, as before."""
+    try:
+        return "should_stop" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _truncated_flags(output: Any, count: int) -> Optional[list[bool]]:
+    """Per-item flags of inputs the engine cut to fit the context, from RerankOutput/EmbeddingOutput."""
+    flags = getattr(output, "truncated", None)
+    if flags is not None and not isinstance(flags, (int, bool)) and len(flags) == count:
+        return [bool(f) for f in flags]
+    return None
+
+
+def embedding_batcher(engine: EmbeddingEngine, spec: ModelSpec, executor: Executor,
+                      queue_timeout_s: Optional[float] = None) -> DynamicBatcher:
     """Key: (is_query, instruction), the arguments that change how a text is embedded."""
+    stoppable = _stop_keyword(engine.embed)
 
-    def run(key: Hashable, texts: list[str]):
+    def run(key: Hashable, texts: list[str], should_stop: Callable[[], bool]) -> EngineCall:
         is_query, instruction = key  # type: ignore[misc]
-        output: EmbeddingOutput = engine.embed(texts, is_query=is_query, instruction=instruction)
-        return output.vectors, output.prompt_tokens, getattr(output, "token_counts", None)
+        extra = {"should_stop": should_stop} if stoppable else {}
+        output: EmbeddingOutput = engine.embed(texts, is_query=is_query, instruction=instruction, **extra)
+        return EngineCall(output.vectors, output.prompt_tokens, getattr(output, "token_counts", None),
+                          _truncated_flags(output, len(texts)))
 
     return DynamicBatcher(run, executor, BatchSettings.for_engine(spec, engine),
-                          item_tokens=lambda key, text: estimate_tokens(text))
+                          item_tokens=lambda key, text: estimate_tokens(text), queue_timeout_s=queue_timeout_s)
 
 
-def rerank_batcher(engine: RerankEngine, spec: ModelSpec, executor: Executor) -> DynamicBatcher:
+def rerank_batcher(engine: RerankEngine, spec: ModelSpec, executor: Executor,
+                   queue_timeout_s: Optional[float] = None) -> DynamicBatcher:
     """Key: (query, instruction); the documents of callers with the same query share one call."""
+    stoppable = _stop_keyword(engine.rerank)
 
-    def run(key: Hashable, documents: list[str]):
+    def run(key: Hashable, documents: list[str], should_stop: Callable[[], bool]) -> EngineCall:
         query, instruction = key  # type: ignore[misc]
-        output: RerankOutput = engine.rerank(query, documents, instruction=instruction)
-        return output.scores, output.prompt_tokens, getattr(output, "token_counts", None)
+        extra = {"should_stop": should_stop} if stoppable else {}
+        output: RerankOutput = engine.rerank(query, documents, instruction=instruction, **extra)
+        return EngineCall(output.scores, output.prompt_tokens, getattr(output, "token_counts", None),
+                          _truncated_flags(output, len(documents)))
 
     return DynamicBatcher(run, executor, BatchSettings.for_engine(spec, engine),
-                          item_tokens=lambda key, doc: estimate_tokens(key[0]) + estimate_tokens(doc))  # type: ignore[index]
+                          item_tokens=lambda key, doc: estimate_tokens(key[0]) + estimate_tokens(doc),  # type: ignore[index]
+                          queue_timeout_s=queue_timeout_s)

