@@ -58,3 +58,19 @@ def test_rerank_reports_no_output_tokens(xinference, server, yes_no_reranker):
     assert tokens["output_tokens"] == 0
     assert tokens["input_tokens"] > 2 * len(" ".join(documents).split())
     assert ragflow_token_count(answer) == answer["usage"]["total_tokens"] == tokens["input_tokens"]
+
+
+def test_rerank_meta_counts_documents_cut_to_the_context(server):
+    """RAGFlow sends long chunks untruncated: they are cut to fit (not refused), and meta says how many."""
+    uid = ensure_model(server, "t-rerank-ctx256", model_name="t-rerank-ctx256", model_type="rerank",
+                       model_engine="llama.cpp", model_path=smollm_gguf_path(), n_ctx=256)
+    documents = ["Paris is the capital of France.", "Paris. " + " ".join(f"word{i}" for i in range(400)),
+                 "Bees live in hives."]
+    from xinference_client import RESTfulClient
+
+    answer = RESTfulClient(server.url).get_model(uid).rerank(documents, "What is the capital of France?",
+                                                             return_len=True)
+    assert len(answer["results"]) == 3
+    assert answer["meta"]["truncated_documents"] == 1
+    short = RESTfulClient(server.url).get_model(uid).rerank(documents[::2], "What is the capital of France?")
+    assert "truncated_documents" not in short["meta"]
