@@ -192,3 +192,21 @@ def test_chat_reasoning_split_streaming(server, chat_uid, thinking):
         finish = chunk.choices[0].finish_reason or finish
     assert (reasoning, content) == (("hmm", "Paris") if thinking else ("", "Paris"))
     assert finish == "stop"
+
+
+def test_reasoning_stream_read_as_langchain_xinference(server, chat_uid):
+    """langchain-xinference reads delta["content"] on every chunk, reasoning chunks included (None there
+    is read as ""); xinference-client fetches the stream."""
+    from xinference_client import RESTfulClient
+
+    model = RESTfulClient(server.url).get_model(chat_uid)
+    chunks = list(model.chat(messages=FRANCE, generate_config={
+        "stream": True, "max_tokens": 32, "temperature": 0, "chat_template_kwargs": {"enable_thinking": True}}))
+    content = reasoning = ""
+    for chunk in chunks:
+        if not chunk["choices"]:
+            continue
+        delta = chunk["choices"][0]["delta"]
+        content += delta["content"] or ""
+        reasoning += delta.get("reasoning_content") or ""
+    assert (reasoning, content) == ("hmm", "Paris")
