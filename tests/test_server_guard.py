@@ -156,3 +156,13 @@ def test_allowed_host_adds_a_host_name_the_loopback_server_answers(home):
         assert refused.status_code == 421 and "--allowed-host" in refused.json()["error"]["message"]
     finally:
         stop_server(running.process)
+
+
+@pytest.mark.parametrize("name, value", [("RAGSERVE_WORKER_FIRST_BYTE_TIMEOUT", "soon"),
+                                         ("RAGSERVE_WORKER_STREAM_IDLE_TIMEOUT", "0"),
+                                         ("RAGSERVE_WORKER_PROBE_MISSES", "1.5"),
+                                         ("RAGSERVE_THREADS", "all")])
+def test_a_bad_bound_in_the_environment_stops_serve_at_start_naming_it(home, name, value):
+    done = ragserve("serve", "--port", str(free_port()), "--home", str(home), env={name: value})
+    assert done.returncode != 0 and f"{name}={value!r}" in said(done), said(done)
+    assert not (home / "run" / "server.json").exists()

@@ -136,10 +136,12 @@ def _check_limits() -> None:
     """Bounds set in the environment are read before anything starts, so a typo is an error, not a default."""
     from ragserve.api.http_limits import HeaderLimits
     from ragserve.control.supervisor import WorkerTimeouts
+    from ragserve.control.threads import env_threads
 
     try:
         WorkerTimeouts.from_env()
         HeaderLimits.from_env()
+        env_threads()
     except ValueError as exc:
         fail(str(exc))
 

@@ -73,7 +73,8 @@ class WorkerTimeouts:
         """From RAGSERVE_WORKER_* variables; a value that is not a positive number is an error naming it."""
         misses = _seconds("RAGSERVE_WORKER_PROBE_MISSES", cls.probe_misses)
         if misses != int(misses):
-            raise ValueError(f"RAGSERVE_WORKER_PROBE_MISSES={misses:g} must be a whole number, 1 or more")
+            raise ValueError(f"RAGSERVE_WORKER_PROBE_MISSES={os.environ['RAGSERVE_WORKER_PROBE_MISSES']!r} must be a "
+                             f"whole number, 1 or more")
         return cls(connect=_seconds("RAGSERVE_WORKER_CONNECT_TIMEOUT", cls.connect),
                    first_byte=_seconds("RAGSERVE_WORKER_FIRST_BYTE_TIMEOUT", cls.first_byte),
                    stream_idle=_seconds("RAGSERVE_WORKER_STREAM_IDLE_TIMEOUT", cls.stream_idle),

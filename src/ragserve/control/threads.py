@@ -41,7 +41,8 @@ def explicit_threads(spec: ModelSpec) -> Optional[int]:
     return int(value)
 
 
-def _env_threads() -> Optional[int]:
+def env_threads() -> Optional[int]:
+    """RAGSERVE_THREADS, the operator's count for every worker without its own, when set."""
     raw = os.environ.get(THREADS_ENV)
     if not raw:
         return None
@@ -56,7 +57,7 @@ def plan_threads(specs: Iterable[ModelSpec], cores: Optional[int] = None) -> dic
     cores = cores or usable_cores()
     plan: dict[str, int] = {}
     shared: list[ModelSpec] = []
-    fixed_for_all = _env_threads()
+    fixed_for_all = env_threads()
     for spec in specs:
         fixed = explicit_threads(spec) or fixed_for_all
         if fixed:
