@@ -19,7 +19,7 @@ import uvicorn
 from conftest import free_port, minilm_path
 from ragserve.control.spec import ModelSpec, ModelState, ModelType
 from ragserve.engines.base import EngineInputError
-from ragserve.workers.batching import BatchSettings, DynamicBatcher, EngineCall
+from ragserve.workers.batching import BatchSettings, DynamicBatcher, EngineCall, QueueTimeout
 from ragserve.workers.worker import WorkerRuntime, create_worker_app
 
 SENTENCES = [f"Sentence {i}: the {['cat', 'river', 'engine', 'market'][i % 4]} moved {i * 7 % 13} times today."
@@ -302,3 +302,91 @@ def test_concurrent_sdk_clients_through_the_gateway(server):
     alone, together = asyncio.run(main())
     for single, merged in zip(alone, together):
         np.testing.assert_allclose(merged.data[0].embedding, single.data[0].embedding, atol=1e-4)
+
+
+# ---- callers who leave, callers who wait too long -------------------------------------------
+
+class Stoppable:
+    """Scores items one at a time, as the engines do, asking should_stop before each; blocks on a gate."""
+
+    def __init__(self, per_item_s: float = 0.05) -> None:
+        self.per_item_s = per_item_s
+        self.gate = threading.Event()
+        self.done: list[str] = []
+        self.stopped = threading.Event()
+
+    def __call__(self, key, items, should_stop):
+        self.gate.wait(30)
+        for item in items:
+            if should_stop():
+                self.stopped.set()
+                raise EngineInputError("stopped")  # what an engine raises is never delivered: nobody waits
+            time.sleep(self.per_item_s)
+            self.done.append(item)
+        return EngineCall(list(items), len(items))
+
+
+def test_a_caller_who_leaves_the_queue_never_reaches_the_engine():
+    engine = Stoppable(per_item_s=0)
+
+    async def main():
+        batcher = DynamicBatcher(engine, ThreadPoolExecutor(1), BatchSettings(max_batch_size=100, max_wait_s=0),
+                                 item_tokens=lambda k, t: 1)
+        running = asyncio.create_task(batcher.submit("a", ["a1"]))
+        await asyncio.sleep(0.05)  # "a" is in the engine, held at the gate
+        leaving = asyncio.create_task(batcher.submit("b", [f"b{i}" for i in range(10)]))
+        staying = asyncio.create_task(batcher.submit("c", ["c1"]))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        results = await asyncio.gather(running, staying)
+        await batcher.close()
+        return [r.items for r in results]
+
+    assert asyncio.run(main()) == [["a1"], ["c1"]]
+    assert engine.done == ["a1", "c1"]
+
+
+def test_a_running_call_stops_when_all_its_callers_left():
+    engine = Stoppable()
+    engine.gate.set()
+
+    async def main():
+        batcher = DynamicBatcher(engine, ThreadPoolExecutor(1), BatchSettings(max_batch_size=100, max_wait_s=0),
+                                 item_tokens=lambda k, t: 1)
+        first = asyncio.create_task(batcher.submit("k", [f"x{i}" for i in range(40)]))
+        second = asyncio.create_task(batcher.submit("k", ["y"]))  # merged into the same call
+        await asyncio.sleep(0.3)
+        first.cancel()
+        await asyncio.sleep(0.2)
+        assert not engine.stopped.is_set(), "one caller of the call still waits"
+        second.cancel()
+        await asyncio.to_thread(engine.stopped.wait, 5)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert engine.stopped.is_set() and 0 < len(engine.done) < 41
+
+
+def test_a_queued_caller_gets_queue_timeout_and_the_running_one_is_untouched():
+    engine = Stoppable(per_item_s=0)
+
+    async def main():
+        batcher = DynamicBatcher(engine, ThreadPoolExecutor(1), BatchSettings(max_batch_size=100, max_wait_s=0),
+                                 item_tokens=lambda k, t: 1, queue_timeout_s=0.2)
+        running = asyncio.create_task(batcher.submit("a", ["a1"]))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(QueueTimeout) as raised:
+            await batcher.submit("b", ["b1"])
+        waited = time.monotonic() - started
+        await asyncio.sleep(0.3)  # the running call is past its own deadline: it still answers
+        engine.gate.set()
+        result = await running
+        await batcher.close()
+        return waited, raised.value, result
+
+    waited, error, result = asyncio.run(main())
+    assert 0.15 < waited < 1 and error.waited_s >= 0.15
+    assert result.items == ["a1"] and engine.done == ["a1"]
