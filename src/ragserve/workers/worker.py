@@ -382,6 +382,7 @@ async def _while_connected(scope: dict, work: Awaitable[T]) -> T:
         if not gone:
             raise
         task.uncancel()
+        log.info("POST %s: the caller hung up; its work is dropped", scope.get("path"))
         raise APIError(499, "the client closed the request", code="client_closed_request") from None
     finally:
         watcher.cancel()
