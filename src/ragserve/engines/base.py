@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ragserve.control.spec import ModelSpec, ModelType
 
@@ -19,6 +19,14 @@ class EngineError(Exception):
 
 class EngineInputError(EngineError):
     """The request cannot be served by this model as given (too long, unsupported option): a 400."""
+
+
+class EngineStopped(EngineError):
+    """The call ended early because its `should_stop` said so: nobody waits for its results."""
+
+
+# Asked between documents (rerank) or batches (embed): True once every caller of the call has gone.
+ShouldStop = Callable[[], bool]
 
 
 @dataclass
@@ -61,6 +69,9 @@ class RerankOutput:
     scores: list[float]  # one per document, in input order
     prompt_tokens: int
     token_counts: list[int] | None = None  # per document, where the engine knows them
+    # Per document: True where the (query, document) pair was longer than the model's context and the
+    # document side was cut to fit (the worker counts them in the response's meta).
+    truncated: list[bool] | None = None
 
 
 class Engine(ABC):
@@ -117,10 +128,12 @@ class EmbeddingEngine(Engine):
 
     @abstractmethod
     def embed(self, texts: Sequence[str], *, is_query: bool = False,
-              instruction: str | None = None) -> EmbeddingOutput:
+              instruction: str | None = None, should_stop: ShouldStop | None = None) -> EmbeddingOutput:
         """Return one full-size vector per text, normalised where the model's recipe normalises.
 
-        The worker cuts vectors to a requested `dimensions` and renormalises them.
+        The worker cuts vectors to a requested `dimensions` and renormalises them. `should_stop`,
+        where given, is asked between internal batches; once it returns True the engine raises
+        EngineStopped instead of embedding the rest (every caller has gone).
         """
 
 
@@ -130,5 +143,12 @@ class RerankEngine(Engine):
 
     @abstractmethod
     def rerank(self, query: str, documents: Sequence[str], *,
-               instruction: str | None = None) -> RerankOutput:
-        """Score each document against the query; higher is more relevant."""
+               instruction: str | None = None, should_stop: ShouldStop | None = None) -> RerankOutput:
+        """Score each document against the query; higher is more relevant.
+
+        A (query, document) pair longer than the model's context is cut on the document side to fit
+        (flagged in RerankOutput.truncated); a query that leaves no room for any document is an
+        EngineInputError. `should_stop`, where given, is asked before each document (or internal
+        batch) is started; once it returns True the engine raises EngineStopped: documents already
+        running finish, no new one starts.
+        """

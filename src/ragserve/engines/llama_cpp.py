@@ -5,33 +5,24 @@ parallel slots with continuous batching, embeddings with the GGUF's pooling, and
 pooling for classifier-head rerankers. Chosen over llama-cpp-python because it installs as
 a wheel in seconds (no compiler, no CPU-flag crash on VMs) and batches concurrent requests.
 
-Rerank has two rules, picked from the GGUF metadata (override: options.rerank_mode):
-  rank   - the GGUF has a classifier head; llama.cpp's rank pooling gives the score.
-  yes_no - a plain causal LM (Qwen3-Reranker conversions): the score is
-           P("yes") / (P("yes") + P("no")) at the last position of the judging prompt.
+Rerankers (rank pooling or the Qwen3 yes/no rule) live in ragserve.engines.llama_rerank.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional, Sequence
 
 from ragserve.control.spec import ModelSpec, ModelType
 from ragserve.engines import qwen3
 from ragserve.engines.base import (EmbeddingEngine, EmbeddingOutput, EngineError, EngineInputError,
-                                   GenerationDelta, GenerationRequest, LLMEngine, RerankEngine, RerankOutput)
+                                   GenerationDelta, GenerationRequest, LLMEngine)
 
 from ragserve.engines.defaults import (LLAMA_CHAT_CTX as DEFAULT_CHAT_CTX, LLAMA_CHAT_PARALLEL,
-                                       LLAMA_EMBED_CTX as DEFAULT_EMBED_CTX, LLAMA_RERANK_PARALLEL)
-# Raising both candidate logits by the same constant leaves their softmax unchanged, and makes
-# them the only two tokens that survive top_k=2: their post-sampling probabilities are exactly
-# softmax(logit_yes, logit_no), whatever the rest of the vocabulary holds.
-_YES_NO_BIAS = 100.0
+                                       LLAMA_EMBED_CTX as DEFAULT_EMBED_CTX)
 
 
 def _read_gguf_metadata(path: str) -> dict[str, Any]:
@@ -88,7 +79,7 @@ def _threads(spec: ModelSpec) -> int:
 
 
 def _server(spec: ModelSpec, *, n_ctx: int, n_parallel: int, embedding: bool = False,
-            pooling: Optional[str] = None):
+            pooling: Optional[str] = None, prompt_cache_mib: Optional[int] = None):
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
@@ -121,6 +112,8 @@ def _server(spec: ModelSpec, *, n_ctx: int, n_parallel: int, embedding: bool = F
                 raise EngineError(f"{key} {spec.options[key]!r} is unknown: use f32, f16, bf16, q8_0 ...")
             setattr(params, key, getattr(xlc.ggml_type, name))
     params.warmup = False
+    if prompt_cache_mib is not None:  # llama.cpp's host-RAM cache of evicted slot prompts (default 8 GiB)
+        params.cache_ram_mib = prompt_cache_mib
     # No context shifting: a request without max_tokens ends when the context is full (finish_reason
     # "length") instead of generating forever.
     params.ctx_shift = False
@@ -304,90 +297,6 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
         return EmbeddingOutput(vectors=vectors, prompt_tokens=tokens)
 
 
-class LlamaRerankEngine(RerankEngine):
-    def __init__(self, spec: ModelSpec, metadata: dict[str, Any]):
-        super().__init__(spec)
-        self.metadata = metadata
-        self.mode = spec.options.get("rerank_mode") or self._detect_mode()
-        if self.mode not in ("rank", "yes_no"):
-            raise EngineError(f"rerank_mode {self.mode!r} is unknown: use 'rank' (classifier head) or 'yes_no' "
-                              f"(Qwen3-Reranker rule on a causal LM)")
-        # One sequence at a time and no prompt cache by default: with quantized weights, co-batching
-        # or reusing a cached prefix shifts scores by up to 1e-2, so a document's score would depend
-        # on its neighbours. n_parallel / cache_prompt options trade that for speed.
-        self.n_parallel = int(spec.n_parallel or spec.options.get("n_parallel") or LLAMA_RERANK_PARALLEL)
-        self.cache_prompt = bool(spec.options.get("cache_prompt", False))
-        trained = int(metadata.get("context_length") or DEFAULT_EMBED_CTX)
-        self.n_ctx = int(spec.n_ctx or min(trained, DEFAULT_EMBED_CTX))
-        if self.mode == "rank":
-            if not metadata.get("has_classifier"):
-                raise EngineError(f"{spec.model_path} has no classifier head, so rank pooling cannot score it: "
-                                  f"use rerank_mode yes_no (Qwen3-Reranker causal-LM rule)")
-            self.server = _server(spec, n_ctx=self.n_ctx, n_parallel=1, embedding=True, pooling="rank")
-        else:
-            ids = metadata.get("token_ids", {})
-            self.yes_id = ids.get("yes", ids.get("\u0120yes"))
-            self.no_id = ids.get("no", ids.get("\u0120no"))
-            if self.yes_id is None or self.no_id is None:
-                raise EngineError(f"{spec.model_path} has no 'yes'/'no' tokens, so the yes/no rerank rule cannot "
-                                  f"score it: use a reranker GGUF with a classifier head (rerank_mode rank)")
-            self.server = _server(spec, n_ctx=self.n_ctx * self.n_parallel, n_parallel=self.n_parallel)
-            self.pool = ThreadPoolExecutor(max_workers=self.n_parallel, thread_name_prefix="rerank")
-
-    def _detect_mode(self) -> str:
-        mode = qwen3.gguf_rerank_mode(self.spec.model_path)
-        if (mode == "rank" and qwen3.gguf_family(self.metadata) == "qwen3-reranker"
-                and not self.metadata.get("has_rerank_template")):
-            # Without the converter's "rerank" template llama.cpp would fill a generic query/document
-            # format, which is not the Qwen3 judging prompt: score by the yes/no rule instead.
-            return "yes_no"
-        return mode
-
-    def describe(self) -> dict[str, Any]:
-        return {"rerank_mode": self.mode, "context_length": self.n_ctx,
-                "architecture": self.metadata.get("architecture")}
-
-    def rerank(self, query: str, documents: Sequence[str], *,
-               instruction: Optional[str] = None) -> RerankOutput:
-        if self.mode == "rank":
-            if instruction:
-                raise EngineInputError("this reranker scores with its classifier head and the instruction built "
-                                       "into its GGUF template; leave `instruction` out, or launch it with "
-                                       "--rerank_mode yes_no to use custom instructions")
-            return self._rank(query, documents)
-        instruction = instruction or self.spec.options.get("rerank_instruction")
-        results = list(self.pool.map(lambda doc: self._yes_no(query, doc, instruction), documents))
-        return RerankOutput(scores=[s for s, _ in results], prompt_tokens=sum(t for _, t in results))
-
-    def _rank(self, query: str, documents: Sequence[str]) -> RerankOutput:
-        result = _raise_on_error(self.server.handle_rerank(
-            {"query": query, "documents": list(documents), "top_n": len(documents), "return_text": False}))
-        scores = [0.0] * len(documents)
-        for item in result["results"]:
-            scores[item["index"]] = float(item["relevance_score"])
-        if (self.metadata.get("classifier_outputs") or 1) == 1:
-            # One logit per pair (cross-encoder heads): map to a probability as sentence-transformers does.
-            scores = [1.0 / (1.0 + math.exp(-s)) for s in scores]
-        tokens = int((result.get("usage") or {}).get("prompt_tokens", 0))
-        return RerankOutput(scores=scores, prompt_tokens=tokens)
-
-    def _yes_no(self, query: str, document: str, instruction: Optional[str]) -> tuple[float, int]:
-        payload = {
-            "prompt": qwen3.rerank_prompt(query, document, instruction),
-            "n_predict": 1, "n_probs": 2, "post_sampling_probs": True,
-            "temperature": 1.0, "top_k": 2, "samplers": ["top_k", "temperature"],
-            "logit_bias": [[self.yes_id, _YES_NO_BIAS], [self.no_id, _YES_NO_BIAS]],
-            "cache_prompt": self.cache_prompt,
-        }
-        result = _raise_on_error(self.server.handle_completions(payload))
-        choice = result["choices"][0]
-        top = choice["logprobs"]["content"][0]["top_probs"]
-        probs = {t["id"]: float(t["prob"]) for t in top}
-        p_yes, p_no = probs.get(self.yes_id, 0.0), probs.get(self.no_id, 0.0)
-        tokens = int(result.get("usage", {}).get("prompt_tokens", 0))
-        return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.0, tokens
-
-
 def load(spec: ModelSpec):
     from ragserve.engines.gguf_meta import GGUFFormatError
 
@@ -399,4 +308,6 @@ def load(spec: ModelSpec):
         return LlamaChatEngine(spec, metadata)
     if spec.model_type == ModelType.EMBEDDING:
         return LlamaEmbeddingEngine(spec, metadata)
+    from ragserve.engines.llama_rerank import LlamaRerankEngine
+
     return LlamaRerankEngine(spec, metadata)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ragserve.control.spec import ModelSpec, ModelType
-from ragserve.engines import qwen3
+from ragserve.engines import qwen3, rerank_fit
 from ragserve.engines.base import (
     EmbeddingEngine,
     EmbeddingOutput,
@@ -35,6 +35,7 @@ from ragserve.engines.base import (
     LLMEngine,
     RerankEngine,
     RerankOutput,
+    ShouldStop,
 )
 
 DEFAULT_THREADS = 2
@@ -265,25 +266,19 @@ class TransformersRerank(RerankEngine):
         return {"engine": "transformers", "family": qwen3.Family.RERANKER, "rerank_rule": "yes_no",
                 "rule": qwen3.rule_text(qwen3.Family.RERANKER), "max_length": self.max_length}
 
-    def rerank(self, query: str, documents: Sequence[str], *,
-               instruction: str | None = None) -> RerankOutput:
+    def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+               should_stop: ShouldStop | None = None) -> RerankOutput:
         import torch
 
         if not documents:
-            return RerankOutput(scores=[], prompt_tokens=0)
+            return RerankOutput(scores=[], prompt_tokens=0, token_counts=[], truncated=[])
         instruction = instruction or self.default_instruction
-        room = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        if room <= 0:
-            raise EngineInputError(f"the context ({self.max_length} tokens) cannot hold the judging prompt")
-        pairs = [qwen3.rerank_pair_text(query, doc, instruction) for doc in documents]
-        # As the model card does: the pair is truncated, the prompt frame around it never is.
-        bodies = self.tokenizer(pairs, padding=False, truncation=True, max_length=room,
-                                add_special_tokens=False)["input_ids"]
-        encoded = [self.prefix_ids + body + self.suffix_ids for body in bodies]
+        encoded, truncated = self._rerank_inputs(query, documents, instruction)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores: list[float] = [0.0] * len(encoded)
         with torch.inference_mode():
             for batch in _batches(order, self.max_batch_size):
+                rerank_fit.check_stop(should_stop)
                 ids, mask, positions = _left_pad([encoded[i] for i in batch], self.pad_id, self.device)
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                     logits_to_keep=1).logits[:, -1, :].float()
@@ -291,7 +286,26 @@ class TransformersRerank(RerankEngine):
                 yes = torch.softmax(pair, dim=1)[:, 1]
                 for row, index in enumerate(batch):
                     scores[index] = float(yes[row])
-        return RerankOutput(scores=scores, prompt_tokens=sum(len(e) for e in encoded))
+        rerank_fit.report(truncated, self.max_length, self.spec.model_name)
+        counts = [len(e) for e in encoded]
+        return RerankOutput(scores=scores, prompt_tokens=sum(counts), token_counts=counts, truncated=truncated)
+
+    def _rerank_inputs(self, query: str, documents: Sequence[str],
+                       instruction: str | None) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each judging prompt, and which pairs were cut to fit max_length.
+
+        As the model card does: the pair (instruction, query, document) is tokenized whole and cut to
+        the room the prompt frame leaves; the frame around it never is. The query must leave room.
+        """
+        room = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        empty = self.tokenizer.encode(qwen3.rerank_pair_text(query, "", instruction), add_special_tokens=False)
+        rerank_fit.check_room(len(self.prefix_ids) + len(empty) + len(self.suffix_ids), self.max_length,
+                              fix="launch the model with a larger --n-ctx (up to its trained length)")
+        pairs = [qwen3.rerank_pair_text(query, doc, instruction) for doc in documents]
+        bodies = self.tokenizer(pairs, padding=False, truncation=False, add_special_tokens=False,
+                                verbose=False)["input_ids"]
+        encoded = [self.prefix_ids + body[:room] + self.suffix_ids for body in bodies]
+        return encoded, [len(body) > room for body in bodies]
 
 
 class TransformersChat(LLMEngine):
