@@ -8,6 +8,7 @@ everything else to the FastAPI app (which keeps the routes too, for /docs and th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Awaitable, Callable, Optional, Union
@@ -58,7 +59,10 @@ class FastJSONRoutes:
             message, param = describe_validation_errors(exc.errors(include_url=False))
             return error_response(400, message, "invalid_request", param)
         try:
-            result = await handler(body, raw, scope)
+            result = await _unless_disconnected(receive, handler(body, raw, scope))
+        except _ClientGone:
+            log.info("POST %s: the client hung up; its work is dropped", scope["path"])
+            return Response(status_code=499)  # nobody reads it
         except APIError as exc:
             return error_response(exc.status_code, exc.message, exc.code, exc.param, exc.headers)
         except Exception as exc:
@@ -68,6 +72,36 @@ class FastJSONRoutes:
         if isinstance(result, Response):
             return result
         return JSONBytesResponse(result)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(receive, work: Awaitable[Any]) -> Any:
+    """Await `work` (the body is already read) while the client stays connected; cancel it if it leaves.
+
+    Cancelling the gateway's forward() makes aiohttp close its connection to the worker, which is how the
+    worker learns that nobody waits for the answer and drops the work (workers/worker.py)."""
+    async def client_left() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    job = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait((job, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not job.done():
+            job.cancel()
+    if job.cancelled() or not job.done():
+        try:
+            await job
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise _ClientGone()
+    return job.result()
 
 
 class JSONBytesResponse(Response):

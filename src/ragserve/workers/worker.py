@@ -19,7 +19,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Awaitable, Optional, TypeVar
+from typing import Any, Optional
 
 import numpy as np
 import uvicorn
@@ -53,8 +53,6 @@ WORKER_KEEP_ALIVE_S = 120
 GRACEFUL_SHUTDOWN_S = 5
 STREAM_CUT_MARGIN_S = 1.0
 USAGE_TRAILER_HEADER_BYTES = USAGE_TRAILER_HEADER.encode()
-RECEIVE_SCOPE_KEY = "ragserve.receive"
-T = TypeVar("T")
 
 
 def queue_timeout_s() -> float:
@@ -243,7 +241,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         try:
             if body.stream:
                 return await stream_generation(body, chat, scope, engine, request, in_reasoning, release_slot)
-            return await _while_connected(scope, whole_generation(body, chat, engine, request, in_reasoning))
+            return await whole_generation(body, chat, engine, request, in_reasoning)
         except EngineError as exc:
             raise _engine_error(exc) from exc
         except StreamCut as exc:
@@ -274,7 +272,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
 
         stream = chunks()
         try:
-            first = await _while_connected(scope, anext(stream, None))
+            first = await anext(stream, None)
         except BaseException:
             release_slot()
             raise
@@ -307,7 +305,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         runtime.admit()
         runtime.waiting += 1
         try:
-            return await _while_connected(scope, engine_batcher(engine).submit(key, items))
+            return await engine_batcher(engine).submit(key, items)
         except EngineError as exc:
             raise _engine_error(exc) from exc
         except QueueTimeout as exc:
@@ -339,53 +337,11 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
 
     # Answered without FastAPI's per-request layers (api/fast_routes.py); only the gateway calls these, so
     # they need no FastAPI twins for /docs.
-    app.add_middleware(_WorkerRoutes, routes={"/v1/chat/completions": (ChatCompletionRequest, chat),
+    app.add_middleware(FastJSONRoutes, routes={"/v1/chat/completions": (ChatCompletionRequest, chat),
                                                "/v1/completions": (CompletionRequest, completions),
                                                "/v1/embeddings": (EmbeddingRequest, embeddings),
                                                "/v1/rerank": (RerankRequest, rerank)})
     return app
-
-
-class _WorkerRoutes(FastJSONRoutes):
-    """FastJSONRoutes that leaves `receive` in the scope, where _while_connected watches it."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        scope[RECEIVE_SCOPE_KEY] = receive
-        await super().__call__(scope, receive, send)
-
-
-async def _while_connected(scope: dict, work: Awaitable[T]) -> T:
-    """Await `work` while the gateway still waits for its answer; cancel it when the gateway hangs up.
-
-    The gateway closes its connection to the worker when its own client leaves. Without this watch a
-    rerank that nobody waits for any more would keep the engine busy, and every caller behind it waiting.
-    Cancelling `work` takes its items out of the batcher's queue, or stops the engine call at its next
-    item (batching.py), or stops a generation at its next token (streaming.py).
-    """
-    receive = scope.get(RECEIVE_SCOPE_KEY)
-    if receive is None:
-        return await work
-    task = asyncio.current_task()
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        task.uncancel()
-        log.info("POST %s: the caller hung up; its work is dropped", scope.get("path"))
-        raise APIError(499, "the client closed the request", code="client_closed_request") from None
-    finally:
-        watcher.cancel()
 
 
 def _started(deltas):
