@@ -95,3 +95,26 @@ def test_chat_template_option_that_is_not_jinja_fails_the_launch(server):
         timeout=120)
     assert response.status_code >= 400, response.text
     assert "not valid jinja" in response.json()["error"]["message"]
+
+
+# A template that refuses system messages, as several model templates do with raise_exception.
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_template_that_refuses_the_messages_is_a_400_naming_it(server, stream):
+    """The template's own refusal is the request's fault: a 400 before any byte of a stream, not a 500."""
+    uid = ensure_model(server, "smol-no-system", model_name="smol-no-system", model_type="LLM",
+                       model_path=smollm_gguf_path(), chat_template=NO_SYSTEM_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, *FRANCE]
+    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                          json={"model": uid, "messages": messages, "max_tokens": 4, "stream": stream})
+    assert response.status_code == 400, response.text
+    assert "System role not supported" in response.json()["error"]["message"]
+    ok = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                    json={"model": uid, "messages": FRANCE, "max_tokens": 4})
+    assert ok.status_code == 200, ok.text

@@ -99,10 +99,10 @@ class LLMEngine(Engine):
     def generate(self, request: GenerationRequest) -> Iterator[GenerationDelta]:
         """Yield text as it is produced; the final delta has finish_reason and usage."""
 
+    @abstractmethod
     def render_prompt(self, request: GenerationRequest) -> str:
-        """The text the model continues: the chat template applied to the messages, or the raw prompt."""
-        raise NotImplementedError(f"{type(self).__name__} must render prompts so that reasoning opened by the "
-                                  "chat template is known (see ragserve.engines.reasoning)")
+        """The text the model continues: the chat template applied to the messages, or the raw prompt.
+        Every chat engine renders it, so that reasoning opened by the template is known (opens_reasoning)."""
 
     def opens_reasoning(self, request: GenerationRequest) -> bool:
         """Whether the chat template leaves `<think>` open, so the output starts inside reasoning.

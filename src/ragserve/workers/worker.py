@@ -224,9 +224,12 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
         engine: LLMEngine = runtime.require(LLMEngine)
         runtime.admit()
         request = _generation_request(body)
-        # Some chat templates open <think> in the prompt; the output then starts inside reasoning.
-        opens_reasoning = getattr(engine, "opens_reasoning", None)
-        in_reasoning = bool(chat and opens_reasoning and opens_reasoning(request))
+        # Some chat templates open <think> in the prompt; the output then starts inside reasoning. Rendering
+        # runs off the event loop (vLLM renders over HTTP), and a template that refuses the messages is a 400.
+        try:
+            in_reasoning = chat and await asyncio.to_thread(engine.opens_reasoning, request)
+        except EngineError as exc:
+            raise _engine_error(exc) from exc
         await runtime.take_llm_slot(engine)
         released = False
 
