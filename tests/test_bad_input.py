@@ -52,6 +52,13 @@ def test_empty_inputs(server, path, body):
     assert_error(post(server, path, json=body), 400)
 
 
+def test_rerank_options_we_cannot_honour_are_refused(server):
+    """Cohere's max_chunks_per_doc would change scores; a 400 naming it, never a 200 that ignores it."""
+    body = {"model": "t-embed", "query": "q", "documents": ["d"], "max_chunks_per_doc": 4}
+    error = assert_error(post(server, "/v1/rerank", json=body), 400, "max_chunks_per_doc")
+    assert error["param"] == "max_chunks_per_doc"
+
+
 def test_huge_inputs_are_refused_before_any_model_work(server, embed_uid):
     too_many = {"model": embed_uid, "input": ["x"] * 2049}
     assert_error(post(server, "/v1/embeddings", json=too_many), 400, "2048")

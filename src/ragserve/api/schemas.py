@@ -205,6 +205,16 @@ class RerankRequest(_Request):
             texts.append(doc)
         return texts
 
+    @field_validator("max_chunks_per_doc")
+    @classmethod
+    def _no_chunking(cls, value: Optional[int]) -> Optional[int]:
+        # Cohere's option splits a long document and scores its best chunk; we cut each (query, document)
+        # pair to the model's context instead (counted in meta.truncated_documents). Refused, never ignored.
+        if value is not None:
+            raise ValueError("max_chunks_per_doc is not supported: each document is cut to the model's context "
+                             "(meta.truncated_documents counts them); leave it out, or split documents yourself")
+        return value
+
 
 class LaunchRequest(_Request):
     """POST /v1/models in Xinference's shape (what `xinference launch` and its RESTfulClient send)."""
