@@ -5,6 +5,8 @@ worker is started with its share."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +67,12 @@ def test_workers_start_with_their_share_of_the_servers_cores(fresh_server):
     third = fresh_server.launch(model_uid="th-three", model_name="th-three", model_type="embedding",
                                 model_path=minilm_path(), options={"n_threads": 1})
     assert worker_threads(fresh_server, third) == (1, "1")
+    listed = subprocess.run([sys.executable, "-m", "ragserve.cli.main", "list", "--endpoint", fresh_server.url],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert listed.returncode == 0, listed.stderr
+    assert "Threads" in listed.stdout
+    rows = {line.split()[1]: line for line in listed.stdout.splitlines() if "th-" in line}
+    assert rows["th-three"].split()[9] == "1", listed.stdout  # the Threads cell of `ragserve list`
     bad = httpx.post(f"{fresh_server.url}/v1/models", timeout=60, json={
         "model_uid": "th-bad", "model_name": "th-bad", "model_type": "embedding", "model_path": minilm_path(),
         "n_threads": "many"})

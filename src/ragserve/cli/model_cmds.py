@@ -109,15 +109,16 @@ def list_models(endpoint: Optional[str] = EndpointOption, api_key: Optional[str]
     if not models:
         console.print("no models are running: launch one with `ragserve launch` or `ragserve up`")
         return
-    table = Table("UID", "Type", "Engine", "State", "Rule", "Path / error")
+    table = Table("UID", "Type", "Engine", "State", "Threads", "Rule", "Path / error")
     colors = {"ready": "green", "loading": "yellow", "restarting": "yellow", "failed": "red"}
     for model in models:
         state = model["state"]
         detail = model["error"] if state == "failed" else model["model_path"]
         # The model family's rule in force (e.g. Qwen3-Embedding's pooling and query instruction), from the worker.
         rule = (model.get("info") or {}).get("rule") or ""
+        threads = (model.get("info") or {}).get("cpu_threads")  # the CPU share planned for its worker
         table.add_row(model["id"], model["model_type"], model["model_engine"],
-                      f"[{colors.get(state, 'white')}]{state}[/]", rule, detail or "")
+                      f"[{colors.get(state, 'white')}]{state}[/]", str(threads or ""), rule, detail or "")
     console.print(table)
 
 

@@ -18,6 +18,7 @@ the same alone or in any batch.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -75,7 +76,8 @@ def _check_folder(model_path: str) -> Path:
 def _configure_torch(spec: ModelSpec) -> None:
     import torch
 
-    threads = spec.options.get("n_threads") or spec.options.get("threads") or DEFAULT_THREADS
+    # The launch option wins, then the share the server planned for this worker (control/threads.py).
+    threads = spec.options.get("n_threads") or os.environ.get("RAGSERVE_THREADS") or DEFAULT_THREADS
     torch.set_num_threads(int(threads))
 
 
