@@ -128,3 +128,12 @@ def test_port_held_by_another_program_is_reported(tmp_path):
     assert f"port {port}" in held["message"] and "not ragserve" in held["message"]
     assert f"pid {os.getpid()}" in held["message"]  # the program holding it is named
     assert "--port" in held["fix"]
+
+
+def test_a_memory_limit_that_is_not_a_number_is_a_failed_check_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGSERVE_MEMORY_LIMIT_GB", "abc")
+    code, report = doctor("--home", str(tmp_path / "home"))
+    memory_finding = finding(report, "memory")
+    assert memory_finding["status"] == "fail" and "RAGSERVE_MEMORY_LIMIT_GB='abc'" in memory_finding["message"]
+    assert code != 0
+

@@ -194,3 +194,11 @@ def test_up_generates_a_key_prints_it_and_down_uses_it(tmp_path):
         assert down.returncode == 0 and "terminated keyed-embed" in down.stdout, down.stdout + down.stderr
     finally:
         _kill_recorded_server(home)
+
+
+def test_plan_with_an_estimate_that_cannot_be_made_says_why(tmp_path):
+    done = ragserve("up", "-f", "demo", "--plan", "--home", str(tmp_path / "home"),
+                    env={"RAGSERVE_MEMORY_LIMIT_GB": "abc"}, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "RAGSERVE_MEMORY_LIMIT_GB='abc'" in " ".join((done.stdout + done.stderr).split())

@@ -303,7 +303,10 @@ def check_gpu() -> tuple[Finding, bool]:
 def check_memory() -> Finding:
     from ragserve.control import memory
 
-    figures = memory.available()
+    try:
+        figures = memory.available()
+    except memory.EstimateError as exc:  # e.g. RAGSERVE_MEMORY_LIMIT_GB that is not a number
+        return Finding("memory", FAIL, str(exc), "fix the setting named above, then run `ragserve doctor` again")
     return Finding("memory", OK, f"{figures.describe()}; budget for new models {memory.gib(figures.budget_bytes)}")
 
 

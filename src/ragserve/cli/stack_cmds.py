@@ -343,6 +343,10 @@ def up(
     threads = _plan_threads(specs)
 
     # ---- memory ---------------------------------------------------------------------------------
+    try:
+        memory.available()  # a broken setting (RAGSERVE_MEMORY_LIMIT_GB) is said once, before any plan
+    except memory.EstimateError as exc:
+        fail(str(exc))
     to_launch = [(m, s) for m, s in zip(loaded.models, specs)
                  if s is not None and running.get(m.model_uid, {}).get("state") not in ("ready", "loading",
                                                                                          "restarting")]
@@ -355,6 +359,11 @@ def up(
             estimates[spec.uid] = memory.check_fits(spec, also=planned, server_pid=server_pid)
         except memory.InsufficientMemory as exc:
             estimates[spec.uid] = exc.estimate
+            refusals.append(str(exc))
+            if force:
+                planned.append(spec)
+        except memory.EstimateError as exc:  # a file the estimate cannot read: said, never skipped quietly
+            estimates[spec.uid] = None
             refusals.append(str(exc))
             if force:
                 planned.append(spec)
