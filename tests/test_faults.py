@@ -177,6 +177,32 @@ def test_graceful_shutdown_drains_a_request_in_flight(own_server):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_stream_outliving_the_drain_ends_with_an_error_event_and_done(home):
+    """SIGTERM's drain deadline (RAGSERVE_DRAIN_TIMEOUT) ends a stream still running with an OpenAI error event
+    and [DONE], as the client reads every other error after the first byte; the connection is not just cut."""
+    server = start_server(home, env={"RAGSERVE_DRAIN_TIMEOUT": "3"})
+    try:
+        launch_gguf(server, "long", n_ctx=4096)
+        events, signalled = [], None
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
+                          json={"model": "long", "prompt": COUNTING, "max_tokens": 3500, "temperature": 0,
+                                "stream": True}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if signalled is None:
+                        signalled = time.monotonic()
+                        server.process.send_signal(signal.SIGTERM)
+        ended_after = time.monotonic() - signalled
+        assert events[-1] == "[DONE]", events[-3:]
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "server_shutting_down" and "RAGSERVE_DRAIN_TIMEOUT" in error["message"]
+        assert 1.0 < ended_after < 15, ended_after
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        stop_server(server.process)
+
+
 def test_full_worker_queue_answers_429_with_retry_after(own_server):
     server = own_server
     # One generation at a time, one more may wait (Xinference's `request_limits` sets the queue bound).

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
@@ -201,6 +200,17 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
     app = FastAPI(title="ragserve", version=__version__, lifespan=lifespan,
                   description="OpenAI- and Xinference-compatible serving of chat, embedding and rerank models.")
     app.state.supervisor = supervisor
+    # Streams being relayed, and those the shutdown drain cut: `ragserve serve` calls cut_streams() just before
+    # uvicorn's drain deadline, so a client sees an error event and [DONE], not a connection dropped mid-stream.
+    live_streams: set = set()
+    cut_streams: set = set()
+
+    def cut_all_streams() -> None:
+        for upstream in list(live_streams):
+            cut_streams.add(upstream)
+            upstream.close()
+
+    app.state.cut_streams = cut_all_streams
     app.state.home = home
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -283,6 +293,7 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
         async def relay():
             pending = b""
             finished = False
+            live_streams.add(upstream)
             try:
                 async for piece in upstream.content.iter_any():
                     pending += piece
@@ -294,16 +305,24 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
                         events = _take_stream_usage(events, state)
                     if events:
                         yield events
+                if upstream in cut_streams:
+                    yield _shutting_down_events()
+                    return
                 if pending:
                     yield pending
                 finished = True
             except (_aiohttp().ClientError, asyncio.TimeoutError) as exc:
+                if upstream in cut_streams:
+                    yield _shutting_down_events()
+                    return
                 lost = timed_out(exc) if isinstance(exc, asyncio.TimeoutError) else await _worker_lost(record, exc)
                 error = {"error": {"message": lost.message, "type": "service_unavailable", "param": None,
                                    "code": lost.code}}
                 yield f"data: {json.dumps(error)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
             finally:
+                live_streams.discard(upstream)
+                cut_streams.discard(upstream)
                 # A stream cut short closes its connection: that is how the worker learns the client left.
                 upstream.release() if finished else upstream.close()
 
@@ -488,6 +507,13 @@ def _aiohttp():
     import aiohttp
 
     return aiohttp
+
+
+def _shutting_down_events() -> bytes:
+    error = {"error": {"message": "the server is shutting down and its drain time ran out before this stream "
+                                  "ended (RAGSERVE_DRAIN_TIMEOUT); retry on the restarted server",
+                       "type": "service_unavailable", "param": None, "code": "server_shutting_down"}}
+    return f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
 
 def _retry_after(headers) -> dict[str, str]:

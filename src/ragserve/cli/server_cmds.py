@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import ipaddress
 import json
@@ -142,6 +143,7 @@ def _check_limits() -> None:
         WorkerTimeouts.from_env()
         HeaderLimits.from_env()
         env_threads()
+        drain_seconds()
     except ValueError as exc:
         fail(str(exc))
 
@@ -262,11 +264,45 @@ def _run_foreground(home: Home, host: str, port: int, log_level: str, no_relaunc
     try:
         # log_config=None: keep the logging set up above (uvicorn's own dictConfig would add its handlers).
         # uvicorn_options: the HTTP parser refuses a request head over RAGSERVE_MAX_HEADER_KB with 431 as it reads.
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
-                    log_config=None, **uvicorn_options())
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=drain_seconds(), log_config=None, **uvicorn_options())
+        _draining_server_class()(config, cut_streams=app.state.cut_streams).run()
     finally:
         _clear_server_info(home)
         os.close(lock_fd)  # the home is free for the next server only once this one's files are cleared
+
+
+def drain_seconds() -> float:
+    """How long SIGTERM lets requests in flight finish (RAGSERVE_DRAIN_TIMEOUT, default 30 s)."""
+    from ragserve.control.supervisor import _seconds
+
+    return _seconds("RAGSERVE_DRAIN_TIMEOUT", 30.0)
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, plus: a second before the drain deadline, streams still running are ended with an
+        error event and [DONE] (api/app.py cut_streams) instead of being dropped when uvicorn cancels them."""
+
+        def __init__(self, config, *, cut_streams):
+            super().__init__(config)
+            self.cut_streams = cut_streams
+            self.loop = None
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first and self.loop is not None:
+                delay = max(0.0, self.config.timeout_graceful_shutdown - 1.0)
+                self.loop.call_soon_threadsafe(self.loop.call_later, delay, self.cut_streams)
+
+    return DrainingServer
 
 
 def _serve_detached(home: Home, host: str, port: int, log_level: str, no_relaunch: bool,
