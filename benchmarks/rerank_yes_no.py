@@ -12,8 +12,10 @@ Timed (wall clock, in process, repetitions interleaved so background load hits e
   ref_batch llama.cpp alone processing the same tokens in one batch: the judging prompt's shared
             prefix once plus each document's own tokens (document, suffix), as separate sequences of
             one embedding-mode call (last-token pooling, token ids in, n_batch 2048 / n_ubatch 512 as
-            the engine's server uses)
-  ref_seq   llama.cpp alone processing those tokens as one sequence (one prompt-processing call)
+            the engine's server uses), each sequence in a KV stream of its own so that none attends
+            over the others' cells: the floor for evaluating these tokens
+  ref_seq   llama.cpp alone processing those tokens as one sequence (one prompt-processing call; its
+            attention spans the whole concatenation, so it costs more than the tokens alone)
 Ratios are paired: each fast or exact time against the reference times of the same repetition.
 
 --diff-queries N: also scores N queries x 20 documents in both modes and reports max |fast - exact|.
@@ -57,14 +59,14 @@ def smollm_gguf_path() -> str:
     return str(next(f for f in files if f.name.endswith(".gguf")).locate())
 
 
-def llama_server(threads: int, *, n_ctx: int, n_parallel: int = 1, embedding: bool = False):
+def llama_server(threads: int, *, n_ctx: int, n_parallel: int = 1, embedding: bool = False, unified: bool = True):
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
     params.model.path = smollm_gguf_path()
     params.n_ctx = n_ctx
     params.n_parallel = n_parallel
-    params.kv_unified = True
+    params.kv_unified = unified
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
     params.n_gpu_layers = 0
     params.verbosity = -1
@@ -135,8 +137,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     seq_server = llama_server(args.threads, n_ctx=args.docs * (args.doc_tokens + 64) + 512)
     tokens = Tokens(seq_server)
     docs = documents(tokens, args.docs, args.doc_tokens)
-    batch_server = llama_server(args.threads, n_ctx=args.docs * (args.doc_tokens + 64) + 512,
-                                n_parallel=args.docs + 1, embedding=True)
+    per_stream = 256 * -(-(args.doc_tokens + 64) // 256)  # whole KV pages per sequence
+    batch_server = llama_server(args.threads, n_ctx=(args.docs + 1) * per_stream, n_parallel=args.docs + 1,
+                                embedding=True, unified=False)
     fast = load_reranker("fast", args.threads, args.slots, args.n_ctx)
     exact = load_reranker("exact", args.threads, args.slots, args.n_ctx)
     fast.rerank("warm up", docs[:2])

@@ -68,6 +68,11 @@ def scores_of(response: httpx.Response, count: int) -> list[float]:
     return [scores[i] for i in range(count)]
 
 
+def worker_log(server, uid: str) -> str:
+    [log] = server.home.rglob(f"worker-{uid}.log")
+    return log.read_text(errors="replace")
+
+
 def launch(server, uid: str, **payload) -> str:
     if httpx.get(f"{server.url}/v1/models/{uid}", timeout=30).status_code != 200:
         server.launch(model_uid=uid, model_name=uid, model_type="rerank", **payload)
@@ -106,6 +111,8 @@ def test_qwen3_long_document_is_cut_to_the_context(server, models, engine):
     scores = scores_of(rerank(server, uid, [SHORT, " ".join(words)]), 2)
     kept = words_that_fit(words, count, limit)
     cut = " ".join(words[:kept])
+    assert f"1 of 2 documents were too long for the context and were cut: each of their pairs now holds " \
+           f"{limit} tokens at most" in worker_log(server, uid)
     ref.assert_close(scores, [ref.rerank_score(models["reranker"], QUERY, SHORT),
                               ref.rerank_score(models["reranker"], QUERY, cut)])
 
