@@ -67,6 +67,11 @@ def test_yes_no_reranker_allocates_a_context_per_slot():
                                     options={"rerank_mode": "yes_no"}))
     assert est.kv_tokens == 2048
     assert est.kv_cache_bytes == memory.estimate(smol_spec(n_ctx=2048)).kv_cache_bytes
+    # The default (fast) batching keeps 4 slots; exact mode runs one document at a time in one slot.
+    fast = memory.estimate(smol_spec(model_type=ModelType.RERANK, n_ctx=1024, options={"rerank_mode": "yes_no"}))
+    exact = memory.estimate(smol_spec(model_type=ModelType.RERANK, n_ctx=1024,
+                                      options={"rerank_mode": "yes_no", "rerank_batching": "exact"}))
+    assert (fast.kv_tokens, exact.kv_tokens) == (4096, 1024)
 
 
 def test_safetensors_params_are_read_from_the_headers():

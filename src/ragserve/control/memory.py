@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 # Defaults the engines use when the launch gives no n_ctx.
-from ragserve.engines.defaults import LLAMA_CHAT_CTX, LLAMA_EMBED_CTX, LLAMA_RERANK_PARALLEL, TORCH_MAX_LENGTH
+from ragserve.engines.defaults import LLAMA_CHAT_CTX, LLAMA_EMBED_CTX, TORCH_MAX_LENGTH, llama_rerank_slots
 from ragserve.control.spec import ModelSpec, ModelType
 from ragserve.engines.qwen3 import Family, family_from_name
 
@@ -327,7 +327,7 @@ def _context(spec: ModelSpec, arch: Architecture, has_cls: bool) -> tuple[Option
         if spec.model_type == ModelType.RERANK:
             mode = spec.options.get("rerank_mode") or ("rank" if has_cls else "yes_no")
             if mode == "yes_no":
-                parallel = int(spec.n_parallel or spec.options.get("n_parallel") or LLAMA_RERANK_PARALLEL)
+                parallel = llama_rerank_slots(spec.n_parallel, spec.options)  # 1 in rerank_batching=exact
                 tokens = n_ctx * parallel
                 notes.append(f"yes/no reranking keeps {parallel} slots of n_ctx {n_ctx}")
         return n_ctx, tokens, notes

@@ -14,4 +14,6 @@ def llama_rerank_slots(n_parallel: int | None, options: dict) -> int:
     if str(options.get("rerank_batching") or "fast").strip().lower() == "exact":
         return 1
     return int(n_parallel or options.get("n_parallel") or LLAMA_RERANK_PARALLEL)
+
+
 TORCH_MAX_LENGTH = 8192
