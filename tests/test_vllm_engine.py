@@ -163,9 +163,10 @@ def test_qwen3_recipes_follow_the_model_cards(vllm_server, tmp_path_factory):
 
 def test_start_failure_reports_vllm_log_and_fix(vllm_server):
     # The stand-in's "GPU" holds a 65536-token KV cache; a longer context fails at start as on a real GPU.
+    # force: ragserve's own memory plan (free memory of this busy machine) must not refuse it first.
     response = httpx.post(f"{vllm_server.url}/v1/models", timeout=300, json={
         "model_engine": "vllm", "model_name": "vllm-too-long", "model_type": "LLM",
-        "model_path": smollm_gguf_path(), "n_ctx": 262144})
+        "model_path": smollm_gguf_path(), "n_ctx": 262144, "force": True})
     assert response.status_code >= 400, response.text
     message = response.json()["error"]["message"]
     assert "vLLM exited with code 1" in message
@@ -321,3 +322,74 @@ def test_missing_vllm_command_is_a_clear_error():
         pytest.skip("a vllm package is importable in this test process")
     with pytest.raises(EngineError, match=r"no `vllm` command .*pip install 'ragserve\[vllm\]'"):
         vllm_command.vllm_version()
+
+
+def test_qwen3_long_document_is_cut_not_refused(vllm_server, tmp_path_factory):
+    """vLLM answers a pair longer than max_model_len with a 400; the engine cuts the document's tail first
+    (query and judging prompt whole), and the score equals the reference on the explicitly cut text."""
+    pytest.importorskip("transformers")
+    import qwen3_reference as ref
+    from qwen3_models import ensure_models
+
+    models = ensure_models(tmp_path_factory.getbasetemp())
+    tokenizer = ref._tokenizer(str(models["reranker"]))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt_tokens = lambda doc: len(encode(ref.RERANK_PREFIX + f"<Instruct>: {ref.RERANK_INSTRUCTION}\n"  # noqa: E731
+                                           f"<Query>: {QUERY}\n<Document>: {doc}" + ref.RERANK_SUFFIX))
+    vocabulary = [w for w in "Paris France capital city river Seine Berlin Germany Tokyo Japan".split()
+                  if len(encode(" " + w)) == 1]
+    words = [vocabulary[i % len(vocabulary)] for i in range(5000)]  # ~5,000 tokens, one per word
+    limit = 512
+    assert prompt_tokens(" ".join(words)) > limit
+    low, high = 0, len(words)  # the most leading words with which the whole prompt fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if prompt_tokens(" ".join(words[:middle])) <= limit else (low, middle - 1)
+    short = "Paris is the capital of France."
+
+    uid = launch(vllm_server, model_name="vllm-qwen3-rerank-512", model_type="rerank",
+                 model_path=str(models["reranker"]), n_ctx=limit)
+    response = httpx.post(f"{vllm_server.url}/v1/rerank", timeout=120,
+                          json={"model": uid, "query": QUERY, "documents": [short, " ".join(words)]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["meta"]["truncated_documents"] == 1, body["meta"]
+    scores = {r["index"]: r["relevance_score"] for r in body["results"]}
+    ref.assert_close([scores[0], scores[1]], [ref.rerank_score(models["reranker"], QUERY, short),
+                                              ref.rerank_score(models["reranker"], QUERY, " ".join(words[:low]))])
+
+    too_long = httpx.post(f"{vllm_server.url}/v1/rerank", timeout=120,
+                          json={"model": uid, "query": " ".join(words[:600]), "documents": [short]})
+    assert too_long.status_code == 400, too_long.text
+    assert "shorten the query" in too_long.json()["error"]["message"]
+
+
+def test_cross_encoder_long_document_is_cut_not_refused(vllm_server, tmp_path_factory):
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("minilm-cross-long"))
+    CrossEncoder(minilm_path(), num_labels=1, device="cpu").save(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocabulary = [w for w in "paris france capital city river berlin germany tokyo japan".split()
+                  if len(tokenizer.tokenize(w)) == 1]
+    words = [vocabulary[i % len(vocabulary)] for i in range(5000)]
+    limit = 256
+    pair_tokens = lambda doc: len(tokenizer(QUERY, doc)["input_ids"])  # noqa: E731 - [CLS] q [SEP] d [SEP]
+    low, high = 0, len(words)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if pair_tokens(" ".join(words[:middle])) <= limit else (low, middle - 1)
+
+    uid = launch(vllm_server, model_name="vllm-cross-256", model_type="rerank", model_path=folder, n_ctx=limit)
+    response = httpx.post(f"{vllm_server.url}/v1/rerank", timeout=120,
+                          json={"model": uid, "query": QUERY, "documents": [DOCUMENTS[0], " ".join(words)]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["meta"]["truncated_documents"] == 1, body["meta"]
+    scores = {r["index"]: r["relevance_score"] for r in body["results"]}
+    expected = CrossEncoder(folder, device="cpu").predict([(QUERY, DOCUMENTS[0]), (QUERY, " ".join(words[:low]))])
+    for index in (0, 1):
+        assert math.isclose(scores[index], float(expected[index]), abs_tol=1e-4)

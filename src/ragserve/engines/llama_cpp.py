@@ -17,9 +17,9 @@ import threading
 from typing import Any, Iterator, Optional, Sequence
 
 from ragserve.control.spec import ModelSpec, ModelType
-from ragserve.engines import qwen3
+from ragserve.engines import qwen3, rerank_fit
 from ragserve.engines.base import (EmbeddingEngine, EmbeddingOutput, EngineError, EngineInputError,
-                                   GenerationDelta, GenerationRequest, LLMEngine)
+                                   GenerationDelta, GenerationRequest, LLMEngine, ShouldStop)
 
 from ragserve.engines.defaults import (LLAMA_CHAT_CTX as DEFAULT_CHAT_CTX, LLAMA_CHAT_PARALLEL,
                                        LLAMA_EMBED_CTX as DEFAULT_EMBED_CTX)
@@ -286,14 +286,23 @@ class LlamaEmbeddingEngine(EmbeddingEngine):
         data = sorted(result["data"], key=lambda d: d["index"])
         return [d["embedding"] for d in data], int(result.get("usage", {}).get("prompt_tokens", 0))
 
-    def embed(self, texts: Sequence[str], *, is_query: bool = False,
-              instruction: Optional[str] = None) -> EmbeddingOutput:
+    def embed(self, texts: Sequence[str], *, is_query: bool = False, instruction: Optional[str] = None,
+              should_stop: Optional[ShouldStop] = None) -> EmbeddingOutput:
         if self.family == qwen3.Family.EMBEDDING:
             texts = qwen3.embedding_inputs(texts, is_query=is_query, instruction=instruction,
                                            default_task=self.spec.options.get("embedding_task"))
         elif instruction:  # no family rule: the instruction is a prefix, as the other engines apply it
             texts = [f"{instruction}{t}" for t in texts]
-        vectors, tokens = self._embed_raw([t + self.eos_suffix for t in texts])
+        texts = [t + self.eos_suffix for t in texts]
+        vectors: list[list[float]] = []
+        tokens = 0
+        # One slot embeds one text at a time anyway: calls of max_batch_size texts give the same
+        # vectors and let a call whose callers have all gone stop between them.
+        for start in range(0, len(texts), self.max_batch_size):
+            rerank_fit.check_stop(should_stop)
+            part, part_tokens = self._embed_raw(texts[start:start + self.max_batch_size])
+            vectors += part
+            tokens += part_tokens
         return EmbeddingOutput(vectors=vectors, prompt_tokens=tokens)
 
 

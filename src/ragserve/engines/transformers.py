@@ -201,8 +201,8 @@ class TransformersEmbedding(EmbeddingEngine):
             encoded = [ids + [self.eos_id] for ids in encoded]
         return encoded
 
-    def embed(self, texts: Sequence[str], *, is_query: bool = False,
-              instruction: str | None = None) -> EmbeddingOutput:
+    def embed(self, texts: Sequence[str], *, is_query: bool = False, instruction: str | None = None,
+              should_stop: ShouldStop | None = None) -> EmbeddingOutput:
         import torch
 
         if not texts:
@@ -218,6 +218,7 @@ class TransformersEmbedding(EmbeddingEngine):
         vectors: list[list[float] | None] = [None] * len(encoded)
         with torch.inference_mode():
             for batch in _batches(order, self.max_batch_size):
+                rerank_fit.check_stop(should_stop)
                 ids, mask, positions = _left_pad([encoded[i] for i in batch], self.pad_id, self.device)
                 hidden = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
                 if self.pooling == "last_token":

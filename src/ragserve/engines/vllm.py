@@ -15,6 +15,8 @@ What the engine adds on top of vLLM:
   - Qwen3 recipes: the query instruction for Qwen3-Embedding and the judging prompt for
     Qwen3-Reranker (with the hf_overrides that turn its yes/no logits into a classifier), so
     scores follow the model cards exactly as the transformers and llama.cpp engines do;
+  - long rerank documents cut to max_model_len (rerank_fit's rule, counted with the model's own
+    tokenizer) before vLLM sees them, since vLLM refuses an over-long pair with a 400;
   - the chat prompt as vLLM renders it (/tokenize, /detokenize), so reasoning opened by the
     chat template is split like on every other engine;
   - a launch error that carries the command, the child's last log lines and the fix;
@@ -37,20 +39,22 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import httpx
 
 from ragserve.control.spec import ModelSpec, ModelType
-from ragserve.engines import qwen3
+from ragserve.engines import qwen3, rerank_fit
 from ragserve.engines.base import (EmbeddingEngine, EmbeddingOutput, EngineError, EngineInputError,
-                                   GenerationDelta, GenerationRequest, LLMEngine, RerankEngine, RerankOutput)
+                                   GenerationDelta, GenerationRequest, LLMEngine, RerankEngine, RerankOutput,
+                                   ShouldStop)
 from ragserve.engines.qwen3 import Family
-from ragserve.engines.vllm_command import model_family, serve_command, vllm_version
+from ragserve.engines.vllm_command import hf_tokenizer, model_family, qwen3_eos_suffix, serve_command, vllm_version
 
 DEFAULT_LOAD_TIMEOUT_S = 1800.0  # a 14B model from a network disk can take many minutes
 LOG_TAIL_LINES = 40
 ERROR_TAIL_LINES = 20
+_FIX_CONTEXT = "launch with a larger --n-ctx (vLLM's max_model_len)"
 # vLLM schedules sequences continuously: the worker may hand it many requests at once.
 DEFAULT_LLM_CONCURRENCY = 64
 
@@ -376,7 +380,7 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
         self.family = model_family(spec)
         self.supports_dimensions = self.family == Family.EMBEDDING  # Matryoshka-trained
         self.max_batch_size = int(spec.options.get("max_batch_size", 256))
-        self.eos_suffix = _qwen3_eos_suffix(spec) if self.family == Family.EMBEDDING else ""
+        self.eos_suffix = qwen3_eos_suffix(spec) if self.family == Family.EMBEDDING else ""
         self._start_server(spec)
         self._dimensions = len(self._embed_raw(["dimension probe"])[0][0])
         self.server.watch()
@@ -394,71 +398,88 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
         data = sorted(result["data"], key=lambda d: d["index"])
         return [d["embedding"] for d in data], int((result.get("usage") or {}).get("prompt_tokens", 0))
 
-    def embed(self, texts: Sequence[str], *, is_query: bool = False,
-              instruction: Optional[str] = None) -> EmbeddingOutput:
+    def embed(self, texts: Sequence[str], *, is_query: bool = False, instruction: Optional[str] = None,
+              should_stop: Optional[ShouldStop] = None) -> EmbeddingOutput:
         if self.family == Family.EMBEDDING:
             if is_query:
                 task = instruction or self.spec.options.get("embedding_task")
                 texts = [qwen3.embedding_query_text(t, task) for t in texts]
             texts = [t + self.eos_suffix for t in texts]
-        vectors, tokens = self._embed_raw(texts)
+        vectors: list[list[float]] = []
+        tokens = 0
+        # vLLM embeds each text on its own: posting max_batch_size texts at a time changes no vector,
+        # and lets a call whose callers have all gone stop between posts.
+        for start in range(0, len(texts), self.max_batch_size):
+            rerank_fit.check_stop(should_stop)
+            chunk_vectors, chunk_tokens = self._embed_raw(texts[start:start + self.max_batch_size])
+            vectors += chunk_vectors
+            tokens += chunk_tokens
         return EmbeddingOutput(vectors=vectors, prompt_tokens=tokens)
 
 
-def _qwen3_eos_suffix(spec: ModelSpec) -> str:
-    """'<|endoftext|>' where the folder's tokenizer does not close texts with it itself.
-
-    Qwen3-Embedding pools the hidden state of a closing <|endoftext|>; newer tokenizer files append
-    it, older ones leave it to the caller. vLLM tokenizes the special token's text to its id.
-    """
-    if Path(spec.model_path).is_file():
-        return ""  # a GGUF: vLLM tokenizes with the GGUF's own settings
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(spec.model_path, local_files_only=True,
-                                                  trust_remote_code=bool(spec.options.get("trust_remote_code")))
-    except Exception as exc:  # noqa: BLE001 - without the tokenizer the pooled token is unknown
-        raise EngineError(f"the tokenizer in {spec.model_path} did not load ({type(exc).__name__}: {exc}), so "
-                          "ragserve cannot tell whether Qwen3-Embedding texts need a closing <|endoftext|>: "
-                          "pull the model again (tokenizer.json, tokenizer_config.json)") from exc
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if not isinstance(eos, int) or eos == tokenizer.unk_token_id:
-        return ""
-    probe = tokenizer("probe")["input_ids"]
-    return "" if probe and probe[-1] == eos else "<|endoftext|>"
-
-
 class VllmRerankEngine(_VllmEngine, RerankEngine):
+    """vLLM refuses a pair longer than max_model_len (400), so over-long documents are cut here first
+    (rerank_fit's rule), counted with the model's own tokenizer the way vLLM tokenizes the pair."""
+
     def __init__(self, spec: ModelSpec) -> None:
         RerankEngine.__init__(self, spec)
         self.max_batch_size = int(spec.options.get("max_batch_size", 256))
         self.family = model_family(spec)
+        self.tokenizer = hf_tokenizer(spec, "how many tokens a (query, document) pair holds")
         self._start_server(spec)
+        self.limit = int(self.max_model_len or self.tokenizer.model_max_length)
         self.server.watch()
 
     def describe(self) -> dict[str, Any]:
         return {**self._facts(), "rerank_rule": "yes_no" if self.family else "classifier"}
 
-    def _pairs(self, query: str, documents: Sequence[str], instruction: Optional[str]) -> tuple[str, list[str]]:
+    def _frame(self, query: str, instruction: Optional[str]) -> tuple[str, Callable[[str], str]]:
+        """The query text vLLM gets, and what each document becomes around it."""
         if self.family is None:
-            return query, list(documents)
+            return query, lambda doc: doc
         # vLLM scores a causal-LM reranker on query + document, concatenated as text: split the
         # model card's judging prompt at that seam so the whole prompt is exactly qwen3.rerank_prompt.
         instruction = instruction or self.spec.options.get("rerank_instruction")
         head, tail = qwen3.rerank_pair_text(query, "\x00", instruction).split("\x00")
-        return qwen3.RERANK_PREFIX + head, [doc + tail + qwen3.RERANK_SUFFIX for doc in documents]
+        return qwen3.RERANK_PREFIX + head, lambda doc: doc + tail + qwen3.RERANK_SUFFIX
 
-    def rerank(self, query: str, documents: Sequence[str], *,
-               instruction: Optional[str] = None) -> RerankOutput:
-        query_text, doc_texts = self._pairs(query, documents, instruction)
-        result = self.server.post("/v1/rerank", {"model": self.spec.uid, "query": query_text,
-                                                 "documents": doc_texts, "top_n": len(doc_texts)})
+    def _pair_tokens(self, query_text: str, doc_text: str) -> int:
+        if self.family is None:  # a cross-encoder: vLLM tokenizes the text pair with its special tokens
+            return len(self.tokenizer(query_text, doc_text)["input_ids"])
+        return len(self.tokenizer(query_text + doc_text)["input_ids"])
+
+    def _fit(self, query_text: str, frame: Callable[[str], str], document: str) -> tuple[str, int, bool]:
+        """The document as sent (framed), its pair's tokens, and whether it was cut to its longest head."""
+        total = self._pair_tokens(query_text, frame(document))
+        if total <= self.limit:  # vLLM refuses only pairs longer than max_model_len
+            return frame(document), total, False
+        ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
+        head = lambda k: self.tokenizer.decode(ids[:k])  # noqa: E731
+        count = lambda k: self._pair_tokens(query_text, frame(head(k)))  # noqa: E731
+        keep = rerank_fit.longest_head(len(ids), count, self.limit, guess=len(ids) - (total - self.limit))
+        return frame(head(keep)), count(keep), True
+
+    def rerank(self, query: str, documents: Sequence[str], *, instruction: Optional[str] = None,
+               should_stop: Optional[ShouldStop] = None) -> RerankOutput:
+        if not documents:
+            return RerankOutput(scores=[], prompt_tokens=0, token_counts=[], truncated=[])
+        query_text, frame = self._frame(query, instruction)
+        rerank_fit.check_room(self._pair_tokens(query_text, frame("")), self.limit, fix=_FIX_CONTEXT)
+        fitted = [self._fit(query_text, frame, doc) for doc in documents]
         scores = [0.0] * len(documents)
-        for item in result["results"]:
-            scores[item["index"]] = float(item["relevance_score"])
-        tokens = (result.get("usage") or {}).get("total_tokens", 0)
-        return RerankOutput(scores=scores, prompt_tokens=int(tokens or 0))
+        tokens = 0
+        for start in range(0, len(documents), self.max_batch_size):
+            rerank_fit.check_stop(should_stop)
+            chunk = [text for text, _, _ in fitted[start:start + self.max_batch_size]]
+            result = self.server.post("/v1/rerank", {"model": self.spec.uid, "query": query_text,
+                                                     "documents": chunk, "top_n": len(chunk)})
+            for item in result["results"]:
+                scores[start + item["index"]] = float(item["relevance_score"])
+            tokens += int((result.get("usage") or {}).get("total_tokens") or 0)
+        truncated = [cut for _, _, cut in fitted]
+        rerank_fit.report(truncated, self.limit, self.spec.model_name)
+        return RerankOutput(scores=scores, prompt_tokens=tokens, token_counts=[n for _, n, _ in fitted],
+                            truncated=truncated)
 
 
 def load(spec: ModelSpec):

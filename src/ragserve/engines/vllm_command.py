@@ -2,7 +2,8 @@
 
 The vLLM engine runs exactly `vllm <serve_command(spec, port=...)>`, and scripts/check-vllm.sh
 feeds the same lists to the real vLLM's own parser, so a flag that vLLM rejects or ignores is
-found without a GPU.
+found without a GPU. The model's Hugging Face tokenizer (what vLLM tokenizes with) is loaded here too,
+for the engine's counts and Qwen3-Embedding's closing token.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ragserve.control.spec import ModelSpec, ModelType
 from ragserve.engines import qwen3
@@ -134,3 +135,37 @@ def serve_command(spec: ModelSpec, *, port: int) -> list[str]:
     if spec.model_type == ModelType.LLM:
         return serve_args(spec, port=port, style="runner", family=None)  # the style only affects pooling
     return serve_args(spec, port=port, style=pooling_flag_style(), family=model_family(spec))
+
+
+def hf_tokenizer(spec: ModelSpec, purpose: str):
+    """The model's Hugging Face tokenizer, as vLLM loads it (options.tokenizer, else the model's folder;
+    a GGUF file's own vocabulary)."""
+    try:
+        from transformers import AutoTokenizer
+
+        source = spec.options.get("tokenizer") or spec.model_path
+        extra: dict[str, Any] = {}
+        if Path(source).is_file():  # a GGUF: transformers reads its vocabulary, as vLLM does
+            source, extra["gguf_file"] = str(Path(source).parent), Path(source).name
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, **extra,
+                                             trust_remote_code=bool(spec.options.get("trust_remote_code")))
+    except Exception as exc:  # noqa: BLE001 - without the tokenizer the counts are unknown
+        raise EngineError(f"the tokenizer of {spec.model_path} did not load ({type(exc).__name__}: {exc}), so "
+                          f"ragserve cannot tell {purpose}: pull the model again (tokenizer.json, "
+                          f"tokenizer_config.json) or set options.tokenizer to a folder holding them") from exc
+
+
+def qwen3_eos_suffix(spec: ModelSpec) -> str:
+    """'<|endoftext|>' where the folder's tokenizer does not close texts with it itself.
+
+    Qwen3-Embedding pools the hidden state of a closing <|endoftext|>; newer tokenizer files append
+    it, older ones leave it to the caller. vLLM tokenizes the special token's text to its id.
+    """
+    if Path(spec.model_path).is_file():
+        return ""  # a GGUF: vLLM tokenizes with the GGUF's own settings
+    tokenizer = hf_tokenizer(spec, "whether Qwen3-Embedding texts need a closing <|endoftext|>")
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if not isinstance(eos, int) or eos == tokenizer.unk_token_id:
+        return ""
+    probe = tokenizer("probe")["input_ids"]
+    return "" if probe and probe[-1] == eos else "<|endoftext|>"

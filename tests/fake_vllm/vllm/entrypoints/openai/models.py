@@ -255,6 +255,14 @@ class ScoreModel:
         else:
             self.embedder = EmbedModel(args)  # no score head: cosine similarity of embeddings
 
+    def pair_tokens(self, query: str, document: str) -> int:
+        """Tokens of one scored pair, as vLLM counts it against max_model_len."""
+        if self.embedder is not None:
+            return max(len(self.embedder.tokenizer(text)["input_ids"]) for text in (query, document))
+        if self.qwen3_yes_no:
+            return len(self.tokenizer(query + document)["input_ids"])
+        return len(self.tokenizer(query, document)["input_ids"])
+
     def score(self, query: str, documents: list[str]) -> tuple[list[float], int]:
         import torch
 

@@ -13,6 +13,8 @@ A pooling model without a score head scores pairs by cosine similarity, as vLLM 
 Chat models answer /tokenize (messages or prompt) and /detokenize as vLLM does. The API key
 comes from --api-key or the VLLM_API_KEY environment variable, as in vLLM.
 
+A (query, document) pair longer than max_model_len is refused with vLLM's 400 and wording.
+
 Simulated failures, with vLLM's own error text after its usual start-up log lines:
   - a KV cache of FAKE_VLLM_KV_TOKENS tokens (default 65536): a larger --max-model-len fails;
   - a config.json architecture no model class here serves: "Model architectures [...] are not
@@ -237,6 +239,12 @@ def create_app(args: argparse.Namespace, mode: str):
         body = await request.json()
         if (bad := check(body, "score")) is not None:
             return bad
+        for document in body["documents"]:  # vLLM refuses an over-long pair, it does not cut it
+            token_num = model.pair_tokens(body["query"], document)
+            if token_num > max_model_len:
+                return error(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                                  f"requested {token_num} tokens in the input for score. Please reduce the length "
+                                  f"of the input.")
         scores, tokens = model.score(body["query"], list(body["documents"]))
         results = sorted(({"index": i, "document": {"text": d}, "relevance_score": s}
                           for i, (d, s) in enumerate(zip(body["documents"], scores))),
