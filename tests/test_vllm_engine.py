@@ -354,6 +354,9 @@ def test_qwen3_long_document_is_cut_not_refused(vllm_server, tmp_path_factory):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["meta"]["truncated_documents"] == 1, body["meta"]
+    [log] = vllm_server.home.rglob(f"worker-{uid}.log")
+    assert f"1 of 2 documents were too long for the context and were cut: each of their pairs now holds " \
+           f"{limit} tokens at most" in log.read_text(errors="replace")
     scores = {r["index"]: r["relevance_score"] for r in body["results"]}
     ref.assert_close([scores[0], scores[1]], [ref.rerank_score(models["reranker"], QUERY, short),
                                               ref.rerank_score(models["reranker"], QUERY, " ".join(words[:low]))])
