@@ -63,4 +63,4 @@ def report(truncated: Sequence[bool], limit: int, model: str) -> None:
 def check_stop(should_stop: Optional[ShouldStop]) -> None:
     """Raise EngineStopped once `should_stop` says every caller has gone."""
     if should_stop is not None and should_stop():
-        raise EngineStopped("the rerank was stopped early: every caller has gone")
+        raise EngineStopped("the engine call was stopped early: every caller has gone")
