@@ -97,14 +97,22 @@ def test_cohere_and_jina_shapes(server, cross_encoder_model):
     assert len(tei.json()["results"]) == len(DOCUMENTS)
 
 
+def _judging_prompt(query: str, document: str) -> str:
+    """Qwen3-Reranker's prompt as its model card writes it (tests/qwen3_reference.py), not as ragserve builds it."""
+    import qwen3_reference as ref
+
+    pair = f"<Instruct>: {ref.RERANK_INSTRUCTION}\n<Query>: {query}\n<Document>: {document}"
+    return ref.RERANK_PREFIX + pair + ref.RERANK_SUFFIX
+
+
 def _reference_yes_no(prompt: str) -> float:
     """P(yes) / (P(yes) + P(no)) from the full next-token distribution, read without any logit bias."""
     import xllamacpp as xlc
 
-    from ragserve.engines.gguf_meta import read_gguf_header
+    from gguf import GGUFReader  # the gguf package's reader, not ours
 
-    fields, _ = read_gguf_header(smollm_gguf_path(), keep_arrays=("tokenizer.ggml.tokens",))
-    vocab = fields["tokenizer.ggml.tokens"]
+    field = GGUFReader(smollm_gguf_path()).fields["tokenizer.ggml.tokens"]
+    vocab = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
     yes, no = vocab.index("yes"), vocab.index("no")
     params = xlc.CommonParams()
     params.model.path = smollm_gguf_path()
@@ -119,15 +127,13 @@ def _reference_yes_no(prompt: str) -> float:
 
 
 def test_yes_no_rule_on_causal_gguf_matches_reference(server, yes_no_model):
-    from ragserve.engines import qwen3
-
     described = httpx.get(f"{server.url}/v1/models/{yes_no_model}").json()
     assert described["info"]["rerank_mode"] == "yes_no"
     docs = DOCUMENTS[:3]
     body = rerank(server, model=yes_no_model, query=QUERY, documents=docs, return_len=True)
     scores = check_shape(body, len(docs))
     for index, doc in enumerate(docs):
-        expected = _reference_yes_no(qwen3.rerank_prompt(QUERY, doc))
+        expected = _reference_yes_no(_judging_prompt(QUERY, doc))
         assert math.isclose(scores[index], expected, abs_tol=1e-4), (index, scores[index], expected)
     assert body["meta"]["tokens"]["input_tokens"] > 50
 
@@ -142,12 +148,17 @@ def test_custom_instruction_changes_the_prompt(server, yes_no_model):
 def test_fast_batching_is_the_default_and_stays_near_the_reference(server, yes_no_fast_model):
     """Parallel slots with a shared cached prefix change the summation order; on this Q4_1 model that
     moves scores by about 1e-2 (README: "Rerank batching"), never more than FAST_TOLERANCE."""
-    from ragserve.engines import qwen3
-
     described = httpx.get(f"{server.url}/v1/models/{yes_no_fast_model}").json()
     assert described["info"]["rerank_batching"] == "fast" and described["info"]["parallel"] > 1
     body = rerank(server, model=yes_no_fast_model, query=QUERY, documents=DOCUMENTS)
     scores = check_shape(body, len(DOCUMENTS))
     for index, doc in enumerate(DOCUMENTS):
-        expected = _reference_yes_no(qwen3.rerank_prompt(QUERY, doc))
+        expected = _reference_yes_no(_judging_prompt(QUERY, doc))
         assert abs(scores[index] - expected) <= FAST_TOLERANCE, (index, scores[index], expected)
+
+
+def test_the_rule_in_force_is_shown_for_a_model_scored_by_the_yes_no_rule(server, yes_no_model):
+    """SmolLM2 is no Qwen3 model, but it is scored by Qwen3-Reranker's rule: describe and list say so."""
+    info = httpx.get(f"{server.url}/v1/models/{yes_no_model}").json()["info"]
+    assert info["rerank_mode"] == "yes_no"
+    assert info["rule"].startswith("qwen3-reranker: yes/no judging prompt")

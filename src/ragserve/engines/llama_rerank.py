@@ -137,7 +137,13 @@ class LlamaRerankEngine(RerankEngine):
         family = self.metadata.get("family")
         return {"rerank_mode": self.mode, "rerank_batching": batching, "parallel": self.n_parallel,
                 "context_length": self.n_ctx, "architecture": self.metadata.get("architecture"),
-                "family": family, "rule": qwen3.rule_text(family)}
+                "family": family, "rule": self._rule(family)}
+
+    def _rule(self, family: str | None) -> str:
+        """The scoring rule in force, also for a model outside the Qwen3 family scored by its rule."""
+        if self.mode == "yes_no":
+            return qwen3.rule_text(qwen3.Family.RERANKER)
+        return qwen3.rule_text(family) or "rank pooling: the GGUF's classifier head scores (query, document)"
 
     def close(self) -> None:
         self.tokenizer.close()
