@@ -82,26 +82,29 @@ async def _unless_disconnected(receive, work: Awaitable[Any]) -> Any:
     """Await `work` (the body is already read) while the client stays connected; cancel it if it leaves.
 
     Cancelling the gateway's forward() makes aiohttp close its connection to the worker, which is how the
-    worker learns that nobody waits for the answer and drops the work (workers/worker.py)."""
-    async def client_left() -> None:
+    worker learns that nobody waits for the answer and drops the work (workers/worker.py). The work runs in
+    this task (no second task per request on the hot path); a watcher task cancels it on disconnect."""
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
         while (await receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        task.cancel()
 
-    job = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(client_left())
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((job, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled here, not by the caller
+            task.uncancel()
+        raise _ClientGone() from None
     finally:
         watcher.cancel()
-        if not job.done():
-            job.cancel()
-    if job.cancelled() or not job.done():
-        try:
-            await job
-        except (asyncio.CancelledError, Exception):
-            pass
-        raise _ClientGone()
-    return job.result()
 
 
 class JSONBytesResponse(Response):
