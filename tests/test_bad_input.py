@@ -147,3 +147,39 @@ def test_server_still_serves_after_all_that(server, chat_uid):
     r = post(server, "/v1/chat/completions", json={"model": chat_uid, "max_tokens": 2,
                                                    "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
+
+
+HI = [{"role": "user", "content": "Say hi."}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("field,value", [
+    ("tools", [TOOL]),
+    ("tool_choice", "required"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ("response_format", {"type": "json_object"}),
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("logit_bias", {"42": 5}),
+    ("reasoning_effort", "low"),
+])
+def test_chat_fields_that_would_change_the_answer_are_refused_not_ignored(server, chat_uid, field, value, stream):
+    """An agent that sends tools or a JSON schema must not get a 200 with prose: a 400 naming the field,
+    before the first byte of a stream."""
+    body = {"model": chat_uid, "messages": HI, "max_tokens": 4, "stream": stream, field: value}
+    error = assert_error(post(server, "/v1/chat/completions", json=body), 400, "not supported")
+    assert error["param"] == field
+
+
+def test_fields_that_ask_for_nothing_and_unknown_extras_are_accepted_and_logged_once(server, chat_uid):
+    body = {"model": chat_uid, "messages": HI, "max_tokens": 2, "tools": [], "tool_choice": "none",
+            "response_format": {"type": "text"}, "logprobs": False, "vendor_extra_x": 1}
+    for _ in range(2):
+        assert post(server, "/v1/chat/completions", json=body).status_code == 200
+    completion = {"model": chat_uid, "prompt": "1, 2,", "max_tokens": 2, "echo": False, "logprobs": None}
+    assert post(server, "/v1/completions", json=completion).status_code == 200
+    assert_error(post(server, "/v1/completions", json={**completion, "logprobs": 2}), 400, "logprobs")
+    log = (server.home / "logs" / "server.log").read_text()
+    lines = [line for line in log.splitlines() if "vendor_extra_x" in line]
+    assert len(lines) == 1 and chat_uid in lines[0], lines

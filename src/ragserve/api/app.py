@@ -352,10 +352,22 @@ def create_app(home: Home, *, relaunch_saved: bool = True, api_keys: Optional[li
                              f"{supervisor.home.worker_log(record.spec.uid)}",
                         code="worker_unavailable", headers={"Retry-After": "2"})
 
+    extras_logged: set[tuple[str, str]] = set()
+
+    def log_extra_fields(uid: str, body: Any) -> None:
+        """Fields no schema here knows are not used: say so once per model and name (clients send many
+        vendor extras, so they are not refused; those that would change the answer are, in api/schemas.py)."""
+        new = [name for name in (getattr(body, "model_extra", None) or {}) if (uid, name) not in extras_logged]
+        if new:
+            extras_logged.update((uid, name) for name in new)
+            log.info("model %s: requests carry fields this server does not use (ignored): %s", uid,
+                     ", ".join(sorted(new)))
+
     async def serve_route(route: str, body: Any, raw_body: bytes, scope: dict) -> Response:
         record = routable(body.model, route)
         state = scope.setdefault("state", {})
         state["model"] = record.spec.uid
+        log_extra_fields(record.spec.uid, body)
         stream = bool(getattr(body, "stream", False))
         if stream:
             state["stream"] = True

@@ -57,7 +57,36 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI request fields that change the answer and that no engine here honours yet: refused with a 400 naming the
+# field (a 200 that ignored them would give an agent prose where it asked for a tool call or JSON). A value
+# that asks for nothing (tools: [], tool_choice: "none", response_format text, logprobs false) is accepted.
+_NOT_HONOURED: dict[str, str] = {
+    "tools": "tool calling is not supported yet: leave out tools (or use a server with tool calling)",
+    "functions": "function calling is not supported yet: leave out functions",
+    "function_call": "function calling is not supported yet: leave out function_call",
+    "tool_choice": "tool calling is not supported yet: leave out tool_choice",
+    "response_format": "structured output (json_object / json_schema) is not supported yet: leave out "
+                       "response_format, or ask for JSON in the prompt",
+    "logprobs": "logprobs are not supported yet: leave out logprobs",
+    "top_logprobs": "logprobs are not supported yet: leave out top_logprobs",
+    "logit_bias": "logit_bias is not supported: leave it out",
+    "echo": "echo is not supported: leave it out",
+    "best_of": "best_of is not supported: leave it out (n=1 only)",
+    "suffix": "suffix (insertion) is not supported: leave it out",
+    "audio": "audio output is not supported: leave it out",
+    "modalities": "only text output is supported: leave out modalities",
+    "prediction": "predicted outputs are not supported: leave out prediction",
+    "reasoning_effort": "reasoning_effort is not supported: switch thinking with chat_template_kwargs "
+                        "{\"enable_thinking\": false} (or enable_thinking)",
+}
+_NOTHING_ASKED = ({}, [], None, False, "none", {"type": "text"})
+
+
+
 class _SamplingFields(_Request):
+    # Extra fields are kept (not used) so the gateway can name them once per model in its log.
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     model: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_GENERATION_TOKENS)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_GENERATION_TOKENS)
@@ -83,6 +112,30 @@ class _SamplingFields(_Request):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
+
+    # Declared so that a refusal names its field (param) and /openapi.json lists them; see _NOT_HONOURED.
+    tools: Optional[Any] = Field(default=None, description="refused unless empty: " + _NOT_HONOURED["tools"])
+    functions: Optional[Any] = Field(default=None, description="refused unless empty")
+    function_call: Optional[Any] = Field(default=None, description="refused unless 'none'")
+    tool_choice: Optional[Any] = Field(default=None, description="refused unless 'none'")
+    response_format: Optional[Any] = Field(default=None, description="refused unless {'type': 'text'}")
+    logprobs: Optional[Any] = Field(default=None, description="refused unless false")
+    top_logprobs: Optional[Any] = Field(default=None, description="refused")
+    logit_bias: Optional[Any] = Field(default=None, description="refused unless empty")
+    echo: Optional[Any] = Field(default=None, description="refused unless false")
+    best_of: Optional[Any] = Field(default=None, description="refused")
+    suffix: Optional[Any] = Field(default=None, description="refused")
+    audio: Optional[Any] = Field(default=None, description="refused")
+    modalities: Optional[Any] = Field(default=None, description="refused unless ['text']")
+    prediction: Optional[Any] = Field(default=None, description="refused")
+    reasoning_effort: Optional[Any] = Field(default=None, description="refused: use enable_thinking")
+
+    @field_validator(*_NOT_HONOURED, mode="before")
+    @classmethod
+    def _refuse_not_honoured(cls, value: Any, info: ValidationInfo) -> Any:
+        if any(value == nothing for nothing in _NOTHING_ASKED) or value == ["text"]:
+            return value
+        raise ValueError(_NOT_HONOURED[info.field_name])
 
     def token_limit(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
