@@ -130,3 +130,15 @@ def fresh_server(tmp_path) -> RunningServer:
     running = start_server(home)
     yield running
     stop_server(running.process)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory) -> str:
+    """A real cross-encoder folder built offline from the MiniLM checkpoint (its head seeded, freshly initialised)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("minilm-cross-encoder")
+    CrossEncoder(minilm_path(), num_labels=1, device="cpu").save(str(folder))
+    return str(folder)

@@ -7,7 +7,7 @@ import math
 import httpx
 import pytest
 
-from conftest import minilm_path, smollm_gguf_path
+from conftest import smollm_gguf_path
 
 QUERY = "What is the capital of France?"
 # Largest |fast - exact| allowed on SmolLM2 Q4_1; the README states the measured figure.
@@ -18,18 +18,6 @@ DOCUMENTS = [
     "France is a country in Western Europe.",
     "Berlin is the capital of Germany.",
 ]
-
-
-@pytest.fixture(scope="session")
-def cross_encoder_dir(tmp_path_factory) -> str:
-    """A real cross-encoder folder built offline from the MiniLM checkpoint (its head is freshly initialised)."""
-    import torch
-    from sentence_transformers import CrossEncoder
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("minilm-cross-encoder")
-    CrossEncoder(minilm_path(), num_labels=1, device="cpu").save(str(folder))
-    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import qwen3_reference as ref
-from conftest import minilm_path, smollm_gguf_path
+from conftest import smollm_gguf_path
 from qwen3_models import ensure_models
 
 QUERY = "what is the capital of France?"
@@ -168,28 +168,16 @@ def test_smollm_yes_no_long_document_is_cut(server, smollm_reference):
 
 # ---- sentence-transformers cross-encoder ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cross_encoder(tmp_path_factory) -> str:
-    """A real cross-encoder folder built offline from the MiniLM checkpoint (its head seeded)."""
-    import torch
-    from sentence_transformers import CrossEncoder
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("long-cross-encoder")
-    CrossEncoder(minilm_path(), num_labels=1, device="cpu").save(str(folder))
-    return str(folder)
-
-
-def test_cross_encoder_long_document_is_cut(server, cross_encoder):
+def test_cross_encoder_long_document_is_cut(server, cross_encoder_dir):
     from sentence_transformers import CrossEncoder
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cross_encoder)
+    tokenizer = AutoTokenizer.from_pretrained(cross_encoder_dir)
     words = long_words(lambda w: len(tokenizer.tokenize(w.lower())) == 1)
-    uid = launch(server, "long-cross-encoder", model_engine="sentence_transformers", model_path=cross_encoder)
+    uid = launch(server, "long-cross-encoder", model_engine="sentence_transformers", model_path=cross_encoder_dir)
     limit = httpx.get(f"{server.url}/v1/models/{uid}", timeout=30).json()["info"]["context_length"]
     assert limit == 512
     scores = scores_of(rerank(server, uid, [SHORT, " ".join(words)]), 2)
     kept = words_that_fit(words, lambda doc: len(tokenizer(QUERY, doc)["input_ids"]), limit)
-    expected = CrossEncoder(cross_encoder, device="cpu").predict([(QUERY, SHORT), (QUERY, " ".join(words[:kept]))])
+    expected = CrossEncoder(cross_encoder_dir, device="cpu").predict([(QUERY, SHORT), (QUERY, " ".join(words[:kept]))])
     ref.assert_close(scores, [float(s) for s in expected])
